@@ -1,0 +1,1 @@
+"""Triton kernel templates (*.py.jinja) rendered by cce_inductor.lowering."""

@@ -1,0 +1,1 @@
+"""Command-line tools: cce-demo, cce-dump, cce-bench."""
