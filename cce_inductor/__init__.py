@@ -6,6 +6,7 @@ explicit API (`linear_cross_entropy`, `LinearCrossEntropy`) and a torch.compile 
 """
 
 from cce_inductor import ops  # noqa: F401  (registers torch.ops.cce.*)
+from cce_inductor.lowering import registration  # noqa: F401  (Inductor lowerings, registered lazily)
 from cce_inductor.api import LinearCrossEntropy, linear_cross_entropy
 
 __all__ = ["LinearCrossEntropy", "linear_cross_entropy"]

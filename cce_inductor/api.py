@@ -7,12 +7,15 @@ back in the inputs' dtypes. The `[..., V]` logits are never materialized.
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from cce_inductor import compat, ops  # noqa: F401  (ops registers torch.ops.cce.*)
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 REDUCTIONS = ("mean", "sum", "none")
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -126,6 +129,8 @@ def linear_cross_entropy(
     softcap: Optional[float] = None,
     filter_eps: FilterEps = "auto",
     return_lse: bool = False,
+    vocab_parallel_group: Optional[ProcessGroup] = None,
+    vocab_start_index: Optional[int] = None,
 ) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """`cross_entropy(linear(input, linear_weight, linear_bias), target)` without the logits.
 
@@ -143,12 +148,29 @@ def linear_cross_entropy(
             finfo(dtype).eps / 32 for 16-bit inputs and off for fp32; None disables.
         return_lse: also return the per-position log-sum-exp `[...]` (fp32), e.g. for z-loss;
             gradients flow through it.
+        vocab_parallel_group: the vocabulary is sharded over this process group: linear_weight,
+            linear_bias and weight hold this rank's contiguous block of classes, target holds
+            global class ids, input and target are the same on every rank, and every rank gets
+            the whole loss (see `cce_inductor.vocab_parallel`).
+        vocab_start_index: with vocab_parallel_group, the global id of this rank's first class;
+            by default the blocks lie in rank order.
 
     Returns:
         the loss (fp32; shape `[...]` for reduction='none', else a scalar), and with
         `return_lse` the pair (loss, lse).
     """
     ignore_index = -100 if ignore_index is None else int(ignore_index)
+    if vocab_parallel_group is not None:
+        from cce_inductor import vocab_parallel
+
+        return vocab_parallel.linear_cross_entropy(
+            input, linear_weight, target, group=vocab_parallel_group,
+            start_index=vocab_start_index, linear_bias=linear_bias, weight=weight,
+            reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
+            softcap=softcap, filter_eps=filter_eps, return_lse=return_lse,
+        )
+    if vocab_start_index is not None:
+        raise ValueError("vocab_start_index is only meaningful with vocab_parallel_group")
     _check_arguments(
         input, linear_weight, target, linear_bias, weight, reduction, label_smoothing, softcap
     )
@@ -184,15 +206,20 @@ def row_losses(
     ignore_index: int,
     label_smoothing: float,
     vocab: int,
+    sharded_class_weight: Optional[tuple[Tensor, Tensor]] = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-row loss from the row statistics, and the 'mean' denominator, as F.cross_entropy.
 
     loss_i = (1 - eps) * w[t_i] * (lse_i - z_i,t_i) + eps / V * (W * lse_i - sum_j w_j z_ij),
     with W = sum_j w_j, and 0 where t_i == ignore_index. The mean divides by sum_i w[t_i]
-    over non-ignored rows.
+    over non-ignored rows. sharded_class_weight, given instead of class_weight when no rank holds
+    all class weights (cce_inductor.vocab_parallel), is the pair (w[t_i] per row, W).
     """
     valid = target != ignore_index
-    if class_weight is not None:
+    if sharded_class_weight is not None:
+        row_weight, total_weight = sharded_class_weight
+        target_weight = row_weight * valid
+    elif class_weight is not None:
         target_weight = class_weight[target.clamp(0, vocab - 1)] * valid
         total_weight = class_weight.sum()
     else:
@@ -202,7 +229,9 @@ def row_losses(
     if label_smoothing > 0:
         smooth = total_weight * lse - logit_sum
         loss = loss + (label_smoothing / vocab) * torch.where(valid, smooth, 0.0)
-    return loss, target_weight.sum()
+    # where, not the zero weight alone: with every row ignored the 'mean' is 0/0 and its
+    # gradient inf, which a multiplication by 0 turns into nan; F.cross_entropy gives zeros.
+    return torch.where(valid, loss, 0.0), target_weight.sum()
 
 
 def reduce_loss(loss: Tensor, denominator: Tensor, reduction: str, shape: torch.Size) -> Tensor:

@@ -206,15 +206,22 @@ def _accumulate(
     """Add one tile's dz to the three gradients; cols, when given, are the kept vocab rows."""
     dz_mm = dz.to(mm)
     if grad_input is not None:
-        grad_input[n0:n1] += dz_mm @ c_blk
+        _add_product(grad_input[n0:n1], dz_mm, c_blk)
     if grad_weight is not None:
-        dc = dz_mm.T @ e_blk
         if cols is None:
-            grad_weight[v0:v1] += dc
+            _add_product(grad_weight[v0:v1], dz_mm.T, e_blk)
         else:
-            grad_weight.index_add_(0, cols, dc.to(grad_weight.dtype))
+            grad_weight.index_add_(0, cols, (dz_mm.T @ e_blk).to(grad_weight.dtype))
     if grad_bias is not None:
         if cols is None:
             grad_bias[v0:v1] += dz.sum(0)
         else:
             grad_bias.index_add_(0, cols, dz.sum(0))
+
+
+def _add_product(out: Tensor, a: Tensor, b: Tensor) -> None:
+    """out += a @ b, in place (no temporary) when the matmul already runs in out's dtype."""
+    if a.dtype == out.dtype:
+        out.addmm_(a, b)
+    else:
+        out += a @ b

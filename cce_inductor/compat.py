@@ -17,3 +17,273 @@ def is_traced(tensor: Tensor) -> bool:
     from torch._subclasses.fake_tensor import is_fake
 
     return is_fake(tensor) or torch._is_functional_tensor(tensor)
+
+
+# --- Command-line tools (cce_inductor.tools): allocator events, Inductor's generated code -------
+
+
+def allocation_events(profiler) -> list[tuple[int, int]]:
+    """(time in ns, bytes) of each allocation (positive) and free (negative) that a
+    `torch.profiler.profile(profile_memory=True)` run saw, in time order. Only kineto's
+    event tree keeps them one by one; `profiler.events()` folds allocations into their ops."""
+    from torch._C._profiler import _EventType
+
+    events: list[tuple[int, int]] = []
+    stack = list(profiler.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        if node.tag == _EventType.Allocation:
+            events.append((node.start_time_ns, node.extra_fields.alloc_size))
+        stack.extend(node.children)
+    return sorted(events, key=lambda event: event[0])
+
+
+def run_and_get_inductor_code(fn):
+    """Run `fn()` and return (its result, the Python wrapper source of every graph Inductor
+    compiled meanwhile, in compile order; a backward compiles when it first runs)."""
+    from torch._inductor.utils import run_and_get_code
+
+    return run_and_get_code(fn)
+
+
+def inductor_auto_chunker():
+    """Config patch turning on Inductor's auto_chunker (off by default; static shapes only)."""
+    import torch._inductor.config as inductor_config
+
+    return inductor_config.patch({"auto_chunker.enable": True})
+
+
+# --- Functional collectives (cce_inductor.vocab_parallel) ------------------------------------
+# torch.distributed._functional_collectives is private, but its out-of-place collectives are the
+# form that eager mode, Dynamo and AOT autograd all handle (c10d's in-place ones are eager-only).
+
+
+def all_reduce(tensor: Tensor, op: str, group) -> Tensor:
+    """Out-of-place all-reduce ('sum' or 'max') over a process group, waited for."""
+    from torch.distributed import _functional_collectives as funcol
+
+    return _waited(funcol.all_reduce(tensor, op, group))
+
+
+def all_gather(tensor: Tensor, group) -> Tensor:
+    """The ranks' tensors concatenated along dim 0 in group-rank order, waited for."""
+    from torch.distributed import _functional_collectives as funcol
+
+    # all_gather_single replaced the (now deprecated) all_gather_tensor in newer releases.
+    gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+    return _waited(gather(tensor, 0, group))
+
+
+def _waited(tensor: Tensor) -> Tensor:
+    """Eager collectives return an AsyncCollectiveTensor; unwrap it so it never escapes into
+    autograd or user code. While tracing they return plain tensors already."""
+    from torch.distributed import _functional_collectives as funcol
+
+    return tensor.wait() if isinstance(tensor, funcol.AsyncCollectiveTensor) else tensor
+
+
+# --- DTensor layouts (cce_inductor.dtensor_sites) ---------------------------------------------
+
+
+def real_device_mesh(mesh):
+    """The DeviceMesh behind `mesh`: Dynamo's example values hold a FakeScriptObject standing
+    for the user's mesh (DeviceMesh is an opaque reference type), which keeps it as real_obj."""
+    from torch._library.fake_class_registry import FakeScriptObject
+
+    if isinstance(mesh, FakeScriptObject):
+        return object.__getattribute__(mesh, "real_obj")
+    return mesh
+
+
+def shard_block(size: int, num_chunks: int, rank: int) -> tuple[int, int]:
+    """(offset, length) of `rank`'s block when a dim of `size` is Shard()-ed over `num_chunks`
+    ranks, as DTensor lays it out (torch.chunk: blocks of ceil(size / num_chunks), the last ones
+    shorter or empty). The method is public from torch 2.13, private before."""
+    from torch.distributed.tensor import Shard
+
+    split = getattr(Shard, "local_shard_size_and_offset", None) or \
+        Shard(0)._local_shard_size_and_offset
+    length, offset = split(size, num_chunks, rank)
+    return int(offset), int(length)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inductor lowering and Triton templates (used by cce_inductor.lowering). Imports are lazy:
+# torch._inductor.lowering takes seconds to import and `import cce_inductor` must stay light.
+# ---------------------------------------------------------------------------------------------
+
+
+def inductor_lowering_module():
+    """torch._inductor.lowering (register_lowering, fallback_handler, empty_strided, full, ...)."""
+    import torch._inductor.lowering as lowering
+
+    return lowering
+
+
+def inductor_ir_module():
+    import torch._inductor.ir as ir
+
+    return ir
+
+
+def inductor_graph():
+    """The GraphLowering being lowered (sizevars, current device)."""
+    from torch._inductor.virtualized import V
+
+    return V.graph
+
+
+def inductor_triton_helpers():
+    """torch._inductor.runtime.triton_helpers (libdevice, set_driver_to_cpu)."""
+    from torch._inductor.runtime import triton_helpers
+
+    return triton_helpers
+
+
+def register_inductor_lowering(op, lowering_fn) -> None:
+    """Make `lowering_fn` Inductor's lowering of `op` (an OpOverload); re-registering replaces."""
+    lowering = inductor_lowering_module()
+    lowering.register_lowering(op, type_promotion_kind=None)(lowering_fn)
+
+
+def triton_template(name: str, grid, source: str):
+    """An Inductor TritonTemplate whose grid is `grid(*call_sizes, meta)` built from sympy sizes."""
+    from torch._inductor.select_algorithm import SymbolicGridFn, TritonTemplate
+
+    existing = TritonTemplate.all_templates.get(name)
+    if existing is not None:
+        return existing
+    return TritonTemplate(name=name, grid=SymbolicGridFn(grid), source=source,
+                          always_freeze_layout=True)
+
+
+def autotune_select(name: str, choices, input_nodes, layout, input_gen_fns):
+    """Inductor's autotune_select_algorithm, returning the chosen node: torch 2.11 returns the
+    node, 2.13 and later return (node, choice)."""
+    from torch._inductor.select_algorithm import autotune_select_algorithm
+
+    result = autotune_select_algorithm(name, choices, input_nodes, layout,
+                                       input_gen_fns=input_gen_fns)
+    return result[0] if isinstance(result, tuple) else result
+
+
+def max_autotune_enabled() -> bool:
+    import torch._inductor.config as inductor_config
+
+    return bool(inductor_config.max_autotune)
+
+
+def custom_graph_pass_base() -> type:
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    return CustomGraphPass
+
+
+def append_post_grad_pass(graph_pass) -> None:
+    """Add `graph_pass` to Inductor's post-grad custom passes, keeping any pass already set
+    (torch 2.13 accepts a list of passes)."""
+    import torch._inductor.config as inductor_config
+
+    current = inductor_config.post_grad_custom_post_pass
+    if current is None:
+        inductor_config.post_grad_custom_post_pass = graph_pass
+    elif isinstance(current, (list, tuple)):
+        if not any(type(p) is type(graph_pass) for p in current):
+            inductor_config.post_grad_custom_post_pass = [*current, graph_pass]
+    elif type(current) is not type(graph_pass):
+        inductor_config.post_grad_custom_post_pass = [current, graph_pass]
+
+
+def size_hints_of(exprs) -> list[int]:
+    """Concrete example values of (possibly symbolic) sizes, for benchmark inputs."""
+    from torch._inductor.virtualized import V
+
+    sizevars = V.graph.sizevars
+    hint = getattr(sizevars, "optimization_hint", None) or sizevars.size_hint  # 2.13 renamed it
+    return [int(hint(e, fallback=8192)) for e in exprs]
+
+
+def size_hints(node) -> list[int]:
+    return size_hints_of(node.get_size())
+
+
+def realize_template_input(node):
+    """A realized buffer with a fixed layout and unit last stride, as templates need."""
+    from torch._inductor.select_algorithm import realize_inputs
+
+    return realize_inputs(node)
+
+
+# ---------------------------------------------------------------------------------------------
+# Graph pass and torch.compile backend (cce_inductor.patterns, .rewrite, .backend): how Dynamo
+# graphs spell things, Dynamo's counters, and Inductor's handling of torch.compile's mode/options.
+# ---------------------------------------------------------------------------------------------
+
+
+def linear_functions() -> tuple:
+    """How `F.linear` / `nn.Linear` appear as call_function targets in a Dynamo graph."""
+    return (torch._C._nn.linear,)
+
+
+def example_value(node):
+    """The fake tensor (or SymInt) Dynamo recorded for an FX node; None when it has none."""
+    return node.meta.get("example_value")
+
+
+def set_example_value(node, value) -> None:
+    node.meta["example_value"] = value
+
+
+def fake_mode_of(values):
+    """The FakeTensorMode of the first fake tensor in `values` (None when there is none). Not
+    the ambient one: Dynamo hands its backend inputs from a fresh fake mode, while the graph's
+    example values stay in the mode Dynamo traced with."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return next((v.fake_mode for v in values if isinstance(v, FakeTensor)), None)
+
+
+def same_size(a, b) -> bool:
+    """Two sizes (ints or SymInts) known to be equal, without adding a guard."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return statically_known_true(a == b)
+
+
+def legacy_reduction(size_average, reduce) -> str:
+    """The reduction named by the deprecated size_average/reduce loss arguments."""
+    from torch.nn import _reduction
+
+    return _reduction.legacy_get_string(size_average, reduce, emit_warning=False)
+
+
+def dynamo_counters():
+    """torch._dynamo.utils.counters: a defaultdict of collections.Counter, shown by
+    torch._dynamo.utils.compile_times and cleared by torch._dynamo.reset()."""
+    from torch._dynamo.utils import counters
+
+    return counters
+
+
+def inductor_compiler(mode, options):
+    """Inductor as torch.compile(backend="inductor", mode=mode, options=options) builds it:
+    validates the options and turns both into config patches for compile_fx. torch.compile hands a
+    custom backend the same mode= and options= keywords (torch._TorchCompileWrapper)."""
+    return torch._TorchCompileInductorWrapper(mode, options, None)
+
+
+def run_and_get_code(fn, *args, **kwargs):
+    """(fn(*args, **kwargs), [source of every wrapper module Inductor generated meanwhile])."""
+    from torch._inductor.utils import run_and_get_code as run
+
+    return run(fn, *args, **kwargs)
+
+
+def fresh_inductor_cache():
+    """A context with empty Inductor caches (older torch names it fresh_inductor_cache)."""
+    from torch._inductor import utils
+
+    fresh = getattr(utils, "fresh_cache", None) or utils.fresh_inductor_cache
+    return fresh()

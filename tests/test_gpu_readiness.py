@@ -1,0 +1,41 @@
+"""GPU readiness without a GPU: the default template configs compile for sm_80 and sm_90a
+without register spills, within shared memory, and with wgmma on Hopper for 16-bit inputs.
+
+Runs the real chain (Inductor renders the kernels under the CPU interpreter, triton.compile with
+its bundled ptxas builds cubins, cuobjdump reads them). The whole shipped config list is checked
+by `python -m cce_inductor.lowering.gpu_readiness --all` (minutes; not in CI).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cce_inductor.lowering import configs, gpu_readiness
+
+
+@pytest.fixture(scope="module")
+def default_rows():
+    try:
+        gpu_readiness.cuobjdump()
+    except RuntimeError as error:
+        pytest.skip(str(error))
+    return gpu_readiness.resource_table(all_configs=False, dtypes=[torch.bfloat16])
+
+
+def test_every_default_kernel_is_measured(default_rows):
+    kinds = {(row.kernel.split("[")[0], row.arch) for row in default_rows}
+    assert kinds == {(kernel, arch) for kernel in configs.KERNELS for arch in configs.ARCHS}
+    print("\n" + gpu_readiness.format_table(default_rows))
+
+
+def test_defaults_do_not_spill_and_fit_shared_memory(default_rows):
+    for row in default_rows:
+        assert row.spill_bytes == 0, row
+        assert 0 < row.shared_bytes <= gpu_readiness.SHARED_LIMIT[row.arch], row
+        assert 0 < row.registers <= 255, row
+
+
+def test_hopper_uses_wgmma_for_16_bit(default_rows):
+    for row in default_rows:
+        assert row.wgmma == (row.arch >= 90), row

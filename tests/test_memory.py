@@ -1,0 +1,107 @@
+"""Peak CPU memory of loss + backward: O(N*D + V*D + N) plus a tile for the blocked CPU path,
+against the materialized reference, which grows with N*V.
+
+Measurement: torch's profiler with profile_memory=True records every CPU tensor allocation and
+free with its size and time (the raw "[memory]" events of the kineto results); replaying them in
+time order gives the peak of live tensor bytes allocated inside the measured call.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import pytest
+import torch
+import torch.autograd.profiler
+
+import cce_inductor
+import reference
+from cce_inductor import blocked
+from reference import single_threaded  # noqa: F401  (autouse fixture)
+
+V, D = 2048, 32
+TOKEN_BLOCK, VOCAB_BLOCK = 64, 256
+TILE_BYTES = TOKEN_BLOCK * VOCAB_BLOCK * 4
+FLOAT32_BYTES = 4
+
+
+def peak_bytes(fn: Callable[[], None]) -> int:
+    """Peak of the CPU tensor bytes that `fn` allocated and were live at once."""
+    with torch.autograd.profiler.profile(profile_memory=True, use_kineto=True) as prof:
+        fn()
+    events = sorted(
+        (event.start_ns(), order, event.nbytes())
+        for order, event in enumerate(prof.kineto_results.events())
+        if event.name() == "[memory]" and event.device_type() == torch.autograd.DeviceType.CPU
+    )
+    live = peak = 0
+    for _, _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def test_peak_bytes_measures_live_tensors():
+    """The measurement itself: sequential allocations count once, overlapping ones add up."""
+    mb = 1 << 20
+
+    def sequential():
+        for _ in range(4):
+            torch.empty(mb, dtype=torch.uint8).fill_(1)
+
+    def overlapping():
+        kept = [torch.empty(mb, dtype=torch.uint8) for _ in range(4)]
+        del kept
+
+    assert mb <= peak_bytes(sequential) < 2 * mb
+    assert 4 * mb <= peak_bytes(overlapping) < 5 * mb
+
+
+def _loss_and_backward(fn, n: int) -> Callable[[], None]:
+    inputs = reference.make_inputs(n, V, D, torch.float32, bias=True, ignored="some", seed=n)
+
+    def run():
+        leaves = {name: inputs[name].clone().requires_grad_() for name in reference.GRAD_NAMES}
+        fn(leaves["input"], leaves["linear_weight"], inputs["target"],
+           linear_bias=leaves["linear_bias"], label_smoothing=0.1).backward()
+
+    return run
+
+
+def _bound(n: int) -> int:
+    """Leaves + gradients + fp32 row statistics, with room: 3 x the O(N*D + V*D + N) tensors,
+    plus 4 tiles of logits-sized temporaries."""
+    return 3 * (n * D + V * D + V + n) * FLOAT32_BYTES + 4 * TILE_BYTES
+
+
+@pytest.fixture
+def tiles(monkeypatch):
+    monkeypatch.setattr(blocked, "TOKEN_BLOCK", TOKEN_BLOCK)
+    monkeypatch.setattr(blocked, "VOCAB_BLOCK", VOCAB_BLOCK)
+
+
+def test_blocked_path_memory_is_linear(tiles):
+    """Ours stays within the O(N*D + V*D + N) bound at two N, and quadrupling N adds O(N*D)
+    bytes; the materialized reference holds [N, V] logits and grows with N*V."""
+    sizes = (256, 1024)
+    ours = {n: peak_bytes(_loss_and_backward(cce_inductor.linear_cross_entropy, n)) for n in sizes}
+    materialized = {
+        n: peak_bytes(_loss_and_backward(reference.torch_linear_cross_entropy, n)) for n in sizes
+    }
+    for n in sizes:
+        logits_bytes = n * V * FLOAT32_BYTES
+        assert _bound(n) < logits_bytes, "the bound must be able to tell [N, V] apart"
+        assert ours[n] <= _bound(n), (n, ours[n], _bound(n))
+        assert materialized[n] > logits_bytes, (n, materialized[n], logits_bytes)
+    added_rows = sizes[1] - sizes[0]
+    assert ours[sizes[1]] - ours[sizes[0]] <= 3 * added_rows * (D + 1) * FLOAT32_BYTES, ours
+    assert materialized[sizes[1]] - materialized[sizes[0]] > added_rows * V * FLOAT32_BYTES
+
+
+def test_bound_catches_full_logits(monkeypatch):
+    """Negative control: one tile holding all [N, V] logits (what materializing does) breaks
+    the bound that the tiled path meets."""
+    n = 1024
+    monkeypatch.setattr(blocked, "TOKEN_BLOCK", n)
+    monkeypatch.setattr(blocked, "VOCAB_BLOCK", V)
+    assert peak_bytes(_loss_and_backward(cce_inductor.linear_cross_entropy, n)) > _bound(n)
