@@ -8,5 +8,6 @@ explicit API (`linear_cross_entropy`, `LinearCrossEntropy`) and a torch.compile 
 from cce_inductor import ops  # noqa: F401  (registers torch.ops.cce.*)
 from cce_inductor.lowering import registration  # noqa: F401  (Inductor lowerings, registered lazily)
 from cce_inductor.api import LinearCrossEntropy, linear_cross_entropy
+from cce_inductor.backend import cce_backend, make_cce_backend
 
-__all__ = ["LinearCrossEntropy", "linear_cross_entropy"]
+__all__ = ["LinearCrossEntropy", "cce_backend", "linear_cross_entropy", "make_cce_backend"]

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from cce_inductor import compat, ops  # noqa: F401  (ops registers torch.ops.cce.*)
+from cce_inductor.lowering import eager
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -184,7 +185,8 @@ def linear_cross_entropy(
     class_weight = weight.to(ops.stats_dtype(input.dtype)) if weight is not None else None
     smoothing = float(label_smoothing)
 
-    lse, target_logit, logit_sum = torch.ops.cce.linear_cross_entropy_fwd(
+    # Eager calls on a GPU run the op through an internal torch.compile (the Triton templates).
+    lse, target_logit, logit_sum = eager.linear_cross_entropy_fwd(
         flat_input, linear_weight, linear_bias, flat_target, class_weight,
         None if softcap is None else float(softcap), smoothing > 0, eps,
     )

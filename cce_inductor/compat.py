@@ -19,7 +19,7 @@ def is_traced(tensor: Tensor) -> bool:
     return is_fake(tensor) or torch._is_functional_tensor(tensor)
 
 
-# --- Command-line tools (cce_inductor.tools): allocator events, Inductor's generated code -------
+# --- Command-line tools (cce_inductor.tools): allocator events, Inductor config ---------------
 
 
 def allocation_events(profiler) -> list[tuple[int, int]]:
@@ -36,14 +36,6 @@ def allocation_events(profiler) -> list[tuple[int, int]]:
             events.append((node.start_time_ns, node.extra_fields.alloc_size))
         stack.extend(node.children)
     return sorted(events, key=lambda event: event[0])
-
-
-def run_and_get_inductor_code(fn):
-    """Run `fn()` and return (its result, the Python wrapper source of every graph Inductor
-    compiled meanwhile, in compile order; a backward compiles when it first runs)."""
-    from torch._inductor.utils import run_and_get_code
-
-    return run_and_get_code(fn)
 
 
 def inductor_auto_chunker():
@@ -212,6 +204,24 @@ def realize_template_input(node):
     from torch._inductor.select_algorithm import realize_inputs
 
     return realize_inputs(node)
+
+
+def sympy_size_functions():
+    """(cdiv, min, max) on sympy sizes, as Inductor's symbolic template grids use them."""
+    from torch.utils._sympy.functions import CeilDiv, Max, Min
+
+    return CeilDiv, Min, Max
+
+
+def maybe_mark_dynamic(tensor, dim: int) -> None:
+    """Ask Dynamo to trace `dim` of `tensor` as dynamic (without error if it specializes)."""
+    torch._dynamo.maybe_mark_dynamic(tensor, dim)
+
+
+def functorch_transforms_active() -> bool:
+    """True inside torch.func transforms (vmap, grad, ...), whose wrapped tensors an internal
+    torch.compile should not see."""
+    return bool(torch._C._are_functorch_transforms_active())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,12 @@
-"""Lowering of cce::linear_cross_entropy_fwd to the forward Triton template."""
+"""Lowering of cce::linear_cross_entropy_fwd to the forward Triton templates.
+
+Two launches: `cce_forward` computes partial row statistics over (row block, vocabulary range)
+programs into a small fp32 buffer PARTIALS [2 or 3, slots, N] (slots: the most vocabulary
+ranges any candidate config launches for this shape, see configs.vocab_splits: O(N + SMs x
+BLOCK_N), never O(N x V)), and `cce_forward_combine` merges the ranges into lse, target_logit
+and logit_sum. Splitting the vocabulary keeps the GPU busy when there are few row blocks
+(small batches, inference).
+"""
 
 from __future__ import annotations
 
@@ -34,23 +42,36 @@ def lower_forward(
     bias_node = common.realize(bias) if bias is not None else common.placeholder(device, dtype)
     weight_node = (common.realize(class_weight) if class_weight is not None
                    else common.placeholder(device, torch.float32))
-    # See NOTE:[TritonTemplates with multiple outputs] in torch/_inductor/ir.py: the extra
-    # outputs are buffers the kernel mutates; LSE is the template's own output.
-    target_logit = common.empty([n], torch.float32, device)
-    logit_sum = common.empty([n] if with_logit_sum else [0], torch.float32, device)
-    layout = common.fixed_layout(device, torch.float32, [n])
-    input_nodes = [input, weight, bias_node, target, weight_node, target_logit, logit_sum]
-
-    cfgs = configs.tile_configs(configs.FORWARD, dtype, configs.arch_of(device),
-                                compat.max_autotune_enabled())
-    lse = common.choose(
-        "cce_forward", "cce_forward", cfgs, input_nodes, layout,
-        mutated=[target_logit, logit_sum], call_sizes=[n, v, d],
-        input_gen_fns=input_gen_fns(compat.size_hints_of([v])[0]),
+    arch, autotune = configs.arch_of(device), compat.max_autotune_enabled()
+    cfgs = configs.tile_configs(configs.FORWARD, dtype, arch, autotune)
+    sm_count = configs.sm_count(device)
+    cdiv, min_, max_ = compat.sympy_size_functions()
+    slots = max_(*(
+        configs.vocab_splits(n, v, cfg.block_n, cfg.block_v, cfg.waves * sm_count,
+                             cdiv=cdiv, min=min_, max=max_)
+        for cfg in cfgs
+    ))
+    partials = common.empty([3 if with_logit_sum else 2, slots, n], torch.float32, device)
+    # See NOTE:[TritonTemplates with multiple outputs] in torch/_inductor/ir.py: the outputs are
+    # buffers the kernels mutate, beside each template's own output (here a marker, then LSE).
+    common.choose(
+        "cce_forward", "cce_forward", cfgs,
+        [input, weight, bias_node, target, weight_node, partials],
+        common.fixed_layout(device, torch.float32, [1]), mutated=[partials],
+        call_sizes=[n, v, d], input_gen_fns=input_gen_fns(compat.size_hints_of([v])[0]),
         HAS_BIAS=bias is not None, HAS_CLASS_WEIGHT=class_weight is not None,
         WITH_LOGIT_SUM=bool(with_logit_sum), HAS_SOFTCAP=softcap is not None,
-        SOFTCAP=float(softcap) if softcap is not None else 0.0,
+        SOFTCAP=float(softcap) if softcap is not None else 0.0, SM_COUNT=sm_count,
         **common.dot_options(dtype),
+    )
+    target_logit = common.empty([n], torch.float32, device)
+    logit_sum = common.empty([n] if with_logit_sum else [0], torch.float32, device)
+    lse = common.choose(
+        "cce_forward_combine", "cce_forward_combine",
+        configs.tile_configs(configs.FORWARD_COMBINE, dtype, arch, autotune),
+        [common.realize(partials), target_logit, logit_sum],
+        common.fixed_layout(device, torch.float32, [n]), mutated=[target_logit, logit_sum],
+        call_sizes=[n], input_gen_fns={}, WITH_LOGIT_SUM=bool(with_logit_sum),
     )
     return lse, target_logit, logit_sum
 

@@ -6,7 +6,8 @@ subprocess (the interpreter leaves triton.language patched in its process), with
 `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))` using triton's bundled
 ptxas, and `cuobjdump --dump-resource-usage` reads registers and spill stack from the cubin.
 Shared memory is Triton's dynamic allocation (compiled metadata); the cubin's static SHARED is 0.
-sm_90a kernels are also checked for wgmma (Hopper tensor cores) in the PTX.
+sm_90a kernels are also checked for wgmma (Hopper tensor cores) in the PTX. Pointer arguments
+are compiled as 16-byte aligned, as Inductor marks them for GPU inputs (see compile_for_gpu).
 
     python -m cce_inductor.lowering.gpu_readiness [--all]
 """
@@ -31,6 +32,7 @@ from cce_inductor.lowering import configs
 
 # Opt-in shared memory per block: A100 163 KiB, H100 227 KiB.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+HIDDEN = 256  # D of the graph the kernels are rendered from
 _KERNEL_DEF = re.compile(r"async_compile\.triton\('(\w+)', '''(.*?)'''", re.S)
 # The interpreter's bf16 tl.dot workaround must not reach GPU code.
 _INTERPRETER_ONLY = ("DOT_FP32 : tl.constexpr = True", "DOT_FP32 : tl.constexpr = False")
@@ -38,7 +40,7 @@ _INTERPRETER_ONLY = ("DOT_FP32 : tl.constexpr = True", "DOT_FP32 : tl.constexpr 
 
 @dataclasses.dataclass(frozen=True)
 class Resources:
-    kernel: str  # configs.FORWARD / BACKWARD / BACKWARD_OWNED
+    kernel: str  # one of configs.KERNELS (BACKWARD_OWNED with [dE] or [dC])
     dtype: str
     config: str
     arch: int
@@ -63,16 +65,18 @@ def cuobjdump() -> str:
     return found
 
 
-def render(dtype: torch.dtype, deterministic: bool, **forced: configs.TileConfig) -> dict[str, str]:
+def render(dtype: torch.dtype, deterministic: bool, **forced: configs.Config) -> dict[str, str]:
     """Inductor's source of the template kernels for a small CCE graph (forward and backward),
     with the given configs forced; keyed by kernel name in the wrapper."""
     import cce_inductor
     from cce_inductor import compat
     from cce_inductor.lowering import interpreter
 
+    # D spans several BLOCK_D steps, as real hidden sizes do: the D loop is then kept and
+    # software-pipelined (a single step would be folded away and compile differently).
     gen = torch.Generator().manual_seed(0)
-    e = torch.randn(8, 32, generator=gen).to(dtype).requires_grad_()
-    c = torch.randn(40, 32, generator=gen).to(dtype).requires_grad_()
+    e = torch.randn(8, HIDDEN, generator=gen).to(dtype).requires_grad_()
+    c = torch.randn(40, HIDDEN, generator=gen).to(dtype).requires_grad_()
     b = torch.randn(40, generator=gen).to(dtype).requires_grad_()
     t = torch.randint(0, 40, (8,), generator=gen)
 
@@ -112,7 +116,14 @@ def compile_for_gpu(source: str, name: str, arch: int) -> Any:
             os.environ["TRITON_INTERPRET"] = interpret
     autotuner = getattr(module, name)
     meta = autotuner.triton_meta
-    attrs = {tuple(k): v for k, v in meta["configs"][0].items()} if meta.get("configs") else None
+    attrs = {tuple(k): v for k, v in meta["configs"][0].items()} if meta.get("configs") else {}
+    # Rendered for CPU tensors, the kernel calls its graph inputs unaligned (Inductor only
+    # checks the alignment of GPU inputs); on a GPU, inputs at an aligned storage offset and
+    # every buffer Inductor allocates are 16-byte aligned, which decides vectorized and
+    # asynchronous (pipelined) loads, so the check compiles with that alignment.
+    for index, arg_type in enumerate(meta["signature"].values()):
+        if arg_type.startswith("*"):
+            attrs[(index,)] = [["tt.divisibility", 16]]
     src = ASTSource(autotuner.fn, meta["signature"], constexprs={}, attrs=attrs)
     options = {"num_warps": autotuner.inductor_meta.get("num_warps") or _launch(source, "num_warps"),
                "num_stages": _launch(source, "num_stages")}
@@ -159,32 +170,53 @@ def _run_compile_jobs(path: Path) -> None:
     (path.parent / "results.json").write_text(json.dumps(results))
 
 
+def kernel_of(source: str) -> str:
+    """Which kernel of configs.KERNELS an Inductor-rendered CCE template source is."""
+    if "OWNS_ROWS : tl.constexpr" in source:
+        return configs.BACKWARD_OWNED
+    if "arg_PARTIALS" in source:
+        return configs.FORWARD if "arg_E" in source else configs.FORWARD_COMBINE
+    return configs.BACKWARD
+
+
 def _label(kernel: str, source: str) -> str:
     if kernel != configs.BACKWARD_OWNED:
         return kernel
     return kernel + ("[dE]" if "OWNS_ROWS : tl.constexpr = True" in source else "[dC]")
 
 
-def render_config(dtype: torch.dtype, kernel: str, cfg: configs.TileConfig) -> dict[str, str]:
-    """The template kernels of `kernel` rendered with `cfg` (two for BACKWARD_OWNED)."""
-    sources = render(dtype, deterministic=kernel == configs.BACKWARD_OWNED, **{kernel: cfg})
-    wanted = "linear_cross_entropy_fwd" if kernel == configs.FORWARD else "linear_cross_entropy_bwd"
-    return {name: src for name, src in sources.items() if wanted in name}
+def _renders(dtype: torch.dtype, arch: int, all_configs: bool
+             ) -> list[tuple[bool, dict[str, configs.Config]]]:
+    """The (deterministic, forced configs) renders that cover the configs of `arch` (or just
+    its defaults): one render forces a config of each kernel it builds, so the forward, combine
+    and atomic backward share renders, and the deterministic backward gets its own."""
+    sixteen_bit = dtype in (torch.float16, torch.bfloat16)
+    lists = {kernel: configs.shipped_configs()[(kernel, sixteen_bit, arch)]
+             for kernel in configs.KERNELS}
+    if not all_configs:
+        lists = {kernel: table[:1] for kernel, table in lists.items()}
+    groups = [(False, (configs.FORWARD, configs.FORWARD_COMBINE, configs.BACKWARD)),
+              (True, (configs.BACKWARD_OWNED,))]
+    return [(deterministic, {kernel: lists[kernel][i] for kernel in kernels
+                             if i < len(lists[kernel])})
+            for deterministic, kernels in groups
+            for i in range(max(len(lists[kernel]) for kernel in kernels))]
 
 
 def resource_table(all_configs: bool = False, dtypes: Optional[list[torch.dtype]] = None
                    ) -> list[Resources]:
     """Resources of the default configs (or of every shipped config) on their arch."""
     jobs, labels = [], []
-    for (kernel, sixteen_bit, arch), table in configs.shipped_configs().items():
-        dtype = torch.bfloat16 if sixteen_bit else torch.float32
-        if dtypes is not None and dtype not in dtypes:
-            continue
-        for cfg in table if all_configs else table[:1]:
-            for name, source in sorted(render_config(dtype, kernel, cfg).items()):
-                jobs.append({"name": name, "source": source, "arch": arch})
-                labels.append((_label(kernel, source), str(dtype).replace("torch.", ""),
-                               cfg.name(), arch))
+    for dtype in dtypes or [torch.bfloat16, torch.float32]:
+        for arch in configs.ARCHS:
+            for deterministic, forced in _renders(dtype, arch, all_configs):
+                sources = render(dtype, deterministic, **forced)
+                for name, source in sorted(sources.items()):
+                    kernel = kernel_of(source)
+                    if kernel in forced:
+                        jobs.append({"name": name, "source": source, "arch": arch})
+                        labels.append((_label(kernel, source), str(dtype).replace("torch.", ""),
+                                       forced[kernel].name(), arch))
     return [Resources(*label, **result) for label, result in zip(labels, _compile_jobs(jobs))]
 
 

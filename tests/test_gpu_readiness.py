@@ -1,5 +1,6 @@
 """GPU readiness without a GPU: the default template configs compile for sm_80 and sm_90a
-without register spills, within shared memory, and with wgmma on Hopper for 16-bit inputs.
+without register spills, within shared memory, and with wgmma on Hopper for 16-bit inputs
+(every kernel but the forward combine, which does no matmul).
 
 Runs the real chain (Inductor renders the kernels under the CPU interpreter, triton.compile with
 its bundled ptxas builds cubins, cuobjdump reads them). The whole shipped config list is checked
@@ -29,13 +30,18 @@ def test_every_default_kernel_is_measured(default_rows):
     print("\n" + gpu_readiness.format_table(default_rows))
 
 
+def has_matmul(row: gpu_readiness.Resources) -> bool:
+    return row.kernel != configs.FORWARD_COMBINE
+
+
 def test_defaults_do_not_spill_and_fit_shared_memory(default_rows):
     for row in default_rows:
         assert row.spill_bytes == 0, row
-        assert 0 < row.shared_bytes <= gpu_readiness.SHARED_LIMIT[row.arch], row
+        assert row.shared_bytes <= gpu_readiness.SHARED_LIMIT[row.arch], row
+        assert row.shared_bytes > 0 or not has_matmul(row), row  # matmul operands are staged
         assert 0 < row.registers <= 255, row
 
 
 def test_hopper_uses_wgmma_for_16_bit(default_rows):
     for row in default_rows:
-        assert row.wgmma == (row.arch >= 90), row
+        assert row.wgmma == (row.arch >= 90 and has_matmul(row)), row

@@ -8,8 +8,10 @@ buffers it allocates (none may be O(N*V)). Shapes are tiny: the interpreter is s
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
+import math
 import re
 
 import pytest
@@ -18,7 +20,7 @@ import torch
 import cce_inductor
 import reference
 from cce_inductor import compat, filter_stats
-from cce_inductor.lowering import filter_counting, interpreter
+from cce_inductor.lowering import configs, filter_counting, interpreter
 
 # N*V = 1680 is neither N*D = 960 nor V*D = 2800; V and D are no multiples of any block size.
 N, D, V = 24, 40, 70
@@ -47,21 +49,30 @@ def kernel_calls(codes: list[str]) -> list[str]:
     return calls
 
 
+def allocated_shapes(codes: list[str]) -> list[str]:
+    """The size tuple (source text) of every buffer the generated wrappers allocate."""
+    shapes = []
+    for code in codes:
+        for match in re.finditer(r"empty_strided_\w+\(\(", code):
+            depth, end = 1, match.end()
+            while depth:  # sizes of dynamic shapes hold parenthesized expressions
+                depth += {"(": 1, ")": -1}.get(code[end], 0)
+                end += 1
+            shapes.append(code[match.end():end - 1])
+    return shapes
+
+
 def allocated_numels(codes: list[str], rows: int = N, hidden: int = D) -> list[int]:
     """Element counts of every buffer the generated wrappers allocate. With dynamic shapes a
     symbol that is the sole size of a 1-D buffer is the row count (the row statistics are
     [N]); any other symbol is the hidden size (in these tests V stays static)."""
-    shapes = [
-        [x for x in shape.replace(" ", "").split(",") if x]
-        for code in codes for shape in re.findall(r"empty_strided_\w+\(\(([^)]*)\)", code)
-    ]
-    row_symbols = {dims[0] for dims in shapes if len(dims) == 1 and not dims[0].isdigit()}
-
-    def value(dim: str) -> int:
-        return int(dim) if dim.isdigit() else rows if dim in row_symbols else hidden
-
-    return [int(torch.tensor([value(x) for x in dims]).prod().item()) if dims else 1
-            for dims in shapes]
+    shapes = allocated_shapes(codes)
+    row_symbols = {shape.strip(", ") for shape in shapes if re.fullmatch(r"\s*s\d+,\s*", shape)}
+    values = {symbol: rows if symbol in row_symbols else hidden
+              for shape in shapes for symbol in re.findall(r"\bs\d+\b", shape)}
+    sizes = (shape.rstrip(", ") for shape in shapes)
+    return [math.prod(eval(f"({size},)", {"min": min, "max": max}, values)) if size else 1
+            for size in sizes]
 
 
 def run_compiled(dtype, options, *, n=N, v=V, d=D, bias=False, class_weight=False,
@@ -73,6 +84,22 @@ def run_compiled(dtype, options, *, n=N, v=V, d=D, bias=False, class_weight=Fals
             reference.check_against_reference, compiled_api(dynamic), inputs, dtype, **options
         )
     return codes
+
+
+def kernel_sources(codes: list[str]) -> dict[str, str]:
+    """Source of every Triton kernel the generated wrappers define, by kernel name."""
+    pattern = re.compile(r"async_compile\.triton\('(\w+)', '''(.*?)'''", re.S)
+    return {name: src for code in codes for name, src in pattern.findall(code)}
+
+
+def forward_launches(codes: list[str]) -> list[tuple[int, int]]:
+    """(row blocks, vocabulary splits) of each launch of the forward's first pass (static
+    shapes: the wrapper passes the grid as integers)."""
+    names = [name for name, src in kernel_sources(codes).items()
+             if "arg_PARTIALS" in src and "arg_E" in src]
+    assert names, "no forward kernel found"
+    return [(int(rows), int(splits)) for code in codes for name in names
+            for rows, splits in re.findall(rf"\b{name}\.run\(.*?(\d+), (\d+), 1, stream", code)]
 
 
 def assert_fused(codes: list[str], n=N, v=V, d=D) -> None:
@@ -105,18 +132,86 @@ def test_compiled_matches_reference(case):
     assert_fused(codes)
 
 
-def test_dynamic_rows():
-    """One dynamic-shape graph serves several N (the templates take N as a kernel argument)."""
+# 16 x 16 forward tiles, vocabulary split to fill two waves of the interpreter's 4 "SMs".
+SPLIT_TILES = configs.TileConfig(16, 16, 16, 4, 1, waves=2)
+
+
+@pytest.mark.parametrize("n, grid", [(N, (2, 4)), (36, (3, 3))])
+def test_split_vocabulary_forward(n, grid):
+    """The forward splits V = 70 (5 tiles of 16) into vocabulary ranges of 2 tiles: at N = 24,
+    2 row blocks x 4 ranges [0, 32), [32, 64), [64, 70) and an empty one; at N = 36, 3 x 3.
+    Label smoothing with class weights and softcap exercise all three partial statistics."""
+    with configs.forced(forward=SPLIT_TILES):
+        codes = run_compiled(torch.bfloat16, dict(label_smoothing=0.1, softcap=5.0), n=n,
+                             bias=True, class_weight=True)
+    assert forward_launches(codes) == [grid]
+    assert_fused(codes, n=n)
+
+
+def test_autotuned_forward_fills_unused_split_slots():
+    """PARTIALS has a slot for the most ranges any candidate config launches (4 here); a chosen
+    config with fewer ranges (here none split) gives the others neutral statistics, which the
+    combine then reads. Autotuning is steered to that config by Inductor's choice filter."""
+    import torch._inductor.config as inductor_config
+
+    unsplit = dataclasses.replace(SPLIT_TILES, waves=0)
+    default_backward = configs.tile_configs(configs.BACKWARD, torch.float32, 80, False)[0]
+    with configs.forced(forward=(SPLIT_TILES, unsplit), backward=default_backward), \
+            inductor_config.patch({"max_autotune": True,
+                                   "test_configs.autotune_choice_desc_regex": "^(?!.*WAVES=2)"}):
+        codes = run_compiled(torch.float32, dict(label_smoothing=0.1), class_weight=True)
+    assert forward_launches(codes) == [(2, 1)]
+    assert "3, 4, 24" in allocated_shapes(codes)
+    assert_fused(codes)
+
+
+def test_dynamic_rows_compile_once():
+    """dynamic=True: one graph serves every N, like torch.compile of a plain linear ->
+    cross_entropy: Dynamo traces one frame (no recompile) and Inductor writes one forward and
+    one backward wrapper for all four N. The templates take N as a kernel argument; the number
+    of vocabulary splits and the partial-statistics buffer follow N at run time."""
     compiled = compiled_api(dynamic=True)
-    with interpreter.interpreted():
-        for n in (N, 7, 33):
+    counters = compat.dynamo_counters()  # process-wide, not cleared by torch._dynamo.reset()
+    frames, graphs = counters["frames"]["total"], counters["stats"]["unique_graphs"]
+
+    def run_all_rows():
+        for n in (N, 7, 33, 40):
             inputs = reference.make_inputs(n, V, D, torch.float32, bias=True, seed=n)
-            _, codes = compat.run_and_get_code(
-                reference.check_against_reference, compiled, inputs, torch.float32
-            )
-            if n == N:  # the first call compiles, with a symbolic N
-                assert_fused(codes)
-                assert not re.search(r"empty_strided_cpu\(\(24, ", "".join(codes))
+            reference.check_against_reference(compiled, inputs, torch.float32)
+
+    with interpreter.interpreted():
+        _, codes = compat.run_and_get_code(run_all_rows)
+    assert counters["frames"]["total"] - frames == 1, dict(counters["frames"])
+    assert counters["stats"]["unique_graphs"] - graphs == 1, dict(counters["stats"])
+    assert len(codes) == 2, len(codes)  # the forward and the backward wrapper
+    assert_fused(codes)
+    assert not re.search(r"empty_strided_cpu\(\(24, ", "".join(codes))
+
+
+def test_eager_call_runs_the_templates():
+    """An eager call of the explicit API on tensors the templates serve (CUDA; here CPU tensors
+    under the interpreter harness) goes through the internal torch.compile: the generated
+    wrappers launch the template kernels, loss and gradients match the reference, and another N
+    reuses the compiled graph. Dynamo captures one graph for N = 24 and 33, and one for N = 1,
+    which it specializes (being fullgraph, the internal compile does not count in
+    counters["frames"]). With one row, Inductor drops the LSE store's mask: this checks that
+    every lane stores the right value."""
+    counters = compat.dynamo_counters()
+    graphs = counters["stats"]["unique_graphs"]
+    options = dict(softcap=5.0, label_smoothing=0.1)
+
+    def check(n: int) -> None:
+        inputs = reference.make_inputs(n, V, D, torch.bfloat16, bias=True, seed=n)
+        reference.check_against_reference(cce_inductor.linear_cross_entropy, inputs,
+                                          torch.bfloat16, **options)
+
+    with interpreter.interpreted():
+        _, codes = compat.run_and_get_code(check, N)
+        check(33)
+        assert counters["stats"]["unique_graphs"] - graphs == 1, dict(counters["stats"])
+        check(1)
+        assert counters["stats"]["unique_graphs"] - graphs == 2, dict(counters["stats"])
+    assert_fused(codes)
 
 
 def test_deterministic_backward_is_reproducible():
@@ -190,28 +285,32 @@ def test_filtering_skips_negligible_tiles(filter_eps):
 
 
 def test_cpu_without_harness_falls_back_to_eager_ops(caplog):
-    """Plain CPU: the ops' blocked eager implementation runs, and the log says why (forward
-    only: the C++ compile of the surrounding graph is slow)."""
+    """Plain CPU: the lowering calls the ops' blocked eager implementation, and the log says
+    why. The graph holds the forward op alone: a C++ compile of anything around it would take
+    half a minute."""
     inputs = reference.make_inputs(N, V, D, torch.float32)
+    e, c, t = inputs["input"], inputs["linear_weight"], inputs["target"]
+
+    def row_statistics(e, c, t):
+        return torch.ops.cce.linear_cross_entropy_fwd(e, c, None, t, None, None, False, None)
+
     with caplog.at_level(logging.INFO, logger="cce_inductor"), torch.no_grad():
-        loss, codes = compat.run_and_get_code(
-            compiled_api(), inputs["input"], inputs["linear_weight"], inputs["target"]
+        (lse, target_logit, _), codes = compat.run_and_get_code(
+            torch.compile(row_statistics, backend="inductor"), e, c, t
         )
     calls = kernel_calls(codes)
     assert "torch.ops.cce.linear_cross_entropy_fwd" in calls
     assert not any(c.startswith("triton_") for c in calls)
     assert "blocked eager implementation" in caplog.text
-    expected = reference.torch_linear_cross_entropy(
-        inputs["input"].double(), inputs["linear_weight"].double(), inputs["target"]
-    )
-    assert abs(loss.item() - expected.item()) <= 1e-5 * abs(expected.item())
+    logits = e.double() @ c.double().T
+    torch.testing.assert_close(lse.double(), logits.logsumexp(1), rtol=1e-6, atol=0)
+    torch.testing.assert_close(target_logit.double(), logits.gather(1, t[:, None])[:, 0],
+                               rtol=1e-6, atol=1e-6)
 
 
 def test_max_autotune_benchmarks_every_config():
     """With max-autotune the template choices are benchmarked (here by the interpreter)."""
     import torch._inductor.config as inductor_config
-
-    from cce_inductor.lowering import configs
 
     assert len(configs.tile_configs(configs.FORWARD, torch.float32, 80, True)) > 1
     with inductor_config.patch(max_autotune=True):

@@ -1,0 +1,103 @@
+"""`cce_backend`: a torch.compile backend that is Inductor plus the CCE graph pass.
+
+    model = torch.compile(model, backend="cce")          # registered entry point, no import
+    model = torch.compile(model, backend=cce_backend, mode="max-autotune")
+    model = torch.compile(model, backend=make_cce_backend(drop_logits=True))
+    model = torch.compile(model, backend="cce", options={"cce.drop_logits": True})
+
+Each graph Dynamo captures is rewritten by `cce_inductor.rewrite` (every `linear ->
+cross_entropy` becomes the fused CCE loss) and then compiled by Inductor's `compile_fx`.
+
+`mode=` and `options=`: torch.compile passes them to any backend other than "inductor" as
+keywords (`torch._TorchCompileWrapper`); this backend applies them exactly as backend="inductor"
+does (same validation, same mode presets, as config patches of `compile_fx`). Keys of `options`
+that start with "cce." set the graph pass options instead ("cce.filter_eps",
+"cce.patterns", "cce.drop_logits"; see `RewriteOptions`), overriding the backend's own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+from torch.fx import GraphModule
+
+from cce_inductor import compat
+from cce_inductor.api import FilterEps
+from cce_inductor.rewrite import RewriteOptions, rewrite_linear_cross_entropy
+
+OPTION_PREFIX = "cce."
+
+
+class CCEBackend:
+    """A torch.compile backend: the CCE graph pass with fixed options, then Inductor."""
+
+    def __init__(self, options: RewriteOptions) -> None:
+        self.options = options
+        self._inductor: Optional[Any] = None  # the last Inductor compiler used, for reset()
+
+    def __call__(
+        self,
+        gm: GraphModule,
+        example_inputs: Sequence[Any],
+        *,
+        mode: Optional[str] = None,
+        options: Optional[dict[str, Any]] = None,
+    ) -> Callable[..., Any]:
+        rewrite_options, inductor_options = self._split_options(options)
+        rewrite_linear_cross_entropy(gm, rewrite_options)
+        self._inductor = compat.inductor_compiler(mode, inductor_options)
+        return self._inductor(gm, example_inputs)
+
+    def reset(self) -> None:
+        """Called by torch._dynamo.reset(): lets Inductor drop its CUDA graph trees."""
+        if self._inductor is not None:
+            self._inductor.reset()
+
+    def _split_options(
+        self, options: Optional[dict[str, Any]]
+    ) -> tuple[RewriteOptions, dict[str, Any]]:
+        inductor_options, overrides = {}, {}
+        for key, value in (options or {}).items():
+            if key.startswith(OPTION_PREFIX):
+                overrides[key[len(OPTION_PREFIX):]] = value
+            else:
+                inductor_options[key] = value
+        known = {field.name for field in dataclasses.fields(RewriteOptions)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown cce options {[OPTION_PREFIX + k for k in unknown]}; known: "
+                f"{[OPTION_PREFIX + k for k in sorted(known)]}"
+            )
+        return dataclasses.replace(self.options, **overrides), inductor_options
+
+    def __repr__(self) -> str:
+        return f"CCEBackend({self.options})"
+
+
+def make_cce_backend(
+    *,
+    filter_eps: FilterEps = "auto",
+    patterns: Optional[Iterable[str]] = None,
+    drop_logits: bool = False,
+) -> CCEBackend:
+    """A torch.compile backend with these graph pass options (see `RewriteOptions`).
+
+    filter_eps: gradient filter threshold of the fused backward: 'auto' (finfo(dtype).eps / 32
+        for 16-bit inputs, off for float32), None (off) or a float.
+    patterns: names from `cce_inductor.patterns.PATTERNS` that may be rewritten (default: all).
+    drop_logits: the caller promises not to read logits that the graph returns beside the loss;
+        they come back as empty `[..., 0]` tensors and are never computed.
+    """
+    from cce_inductor.patterns import PATTERNS
+
+    return CCEBackend(RewriteOptions(
+        filter_eps=filter_eps,
+        patterns=PATTERNS if patterns is None else frozenset(patterns),
+        drop_logits=drop_logits,
+    ))
+
+
+cce_backend: CCEBackend = make_cce_backend()
+"""The default backend, also registered as torch.compile(backend="cce")."""

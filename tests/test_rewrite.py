@@ -1,0 +1,632 @@
+"""The graph pass on Dynamo graphs: what each variant looks like before and after the rewrite,
+and the sites that must stay untouched (with the reason counted).
+
+Graphs are snapshotted as a normalized op sequence (see `op_sequence`), not as raw FX code, so
+the snapshots do not depend on Dynamo's node naming. No Inductor here: the capturing backend
+runs the rewritten graph eagerly. The variants are shared with tests/test_backend.py, which
+checks their numerics under torch.compile(backend="cce").
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Callable
+
+import expecttest
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cce_inductor import compat
+from cce_inductor.rewrite import RewriteOptions, SiteReport, rewrite_linear_cross_entropy
+
+B, T, D, V = 2, 8, 32, 96
+N = B * T
+SOFTCAP = 5.0
+
+
+# --- Variants: fn(input [N, D], linear_weight [V, D], target [N], linear_bias=, weight=) -------
+# The calling convention of tests/reference.py; each spells `linear -> cross_entropy` one way.
+
+
+def linear_ce(input, linear_weight, target, linear_bias=None, weight=None):
+    return F.cross_entropy(F.linear(input, linear_weight, linear_bias), target, weight=weight)
+
+
+def matmul_t(input, linear_weight, target, linear_bias=None, weight=None):
+    return F.cross_entropy(input @ linear_weight.t(), target)
+
+
+def torch_matmul_T(input, linear_weight, target, linear_bias=None, weight=None):
+    return F.cross_entropy(torch.matmul(input, linear_weight.T), target)
+
+
+def matmul_unembedding(input, linear_weight, target, linear_bias=None, weight=None):
+    """x @ M with a [D, V] matrix that is not a transpose node of a [V, D] one."""
+    unembedding = linear_weight.t().contiguous()
+    return F.cross_entropy(input @ unembedding, target)
+
+
+def view_flatten(input, linear_weight, target, linear_bias=None, weight=None):
+    logits = F.linear(input.view(B, T, D), linear_weight, linear_bias).contiguous()
+    return F.cross_entropy(logits.flatten(0, 1).reshape(-1, V), target)
+
+
+def shift_logits(input, linear_weight, target, linear_bias=None, weight=None):
+    """The classic causal-LM shift: logits[..., :-1, :] against labels[..., 1:]."""
+    logits = F.linear(input.view(B, T, D), linear_weight, linear_bias)
+    logits = logits[..., :-1, :].contiguous()
+    labels = target.view(B, T)[..., 1:].contiguous()
+    return F.cross_entropy(logits.view(-1, logits.size(-1)), labels.view(-1))
+
+
+def hf_label_shift(input, linear_weight, target, linear_bias=None, weight=None):
+    """transformers' ForCausalLMLoss: upcast, pad-shift the labels (not the logits)."""
+    logits = F.linear(input.view(B, T, D), linear_weight, linear_bias).float()
+    labels = F.pad(target.view(B, T), (0, 1), value=-100)[..., 1:].contiguous()
+    return F.cross_entropy(logits.view(-1, V), labels.view(-1), ignore_index=-100)
+
+
+def upcast_to(input, linear_weight, target, linear_bias=None, weight=None):
+    logits = F.linear(input, linear_weight, linear_bias).to(torch.float32)
+    return F.cross_entropy(logits, target, weight=weight.float() if weight is not None else None)
+
+
+def softcapped(input, linear_weight, target, linear_bias=None, weight=None):
+    logits = F.linear(input, linear_weight, linear_bias)
+    logits = torch.tanh(logits / SOFTCAP) * SOFTCAP
+    return F.cross_entropy(logits, target)
+
+
+def loss_module(input, linear_weight, target, linear_bias=None, weight=None):
+    """nn.CrossEntropyLoss with every option: inlined to F.cross_entropy by Dynamo."""
+    criterion = nn.CrossEntropyLoss(
+        weight=weight, ignore_index=3, reduction="sum", label_smoothing=0.1
+    )
+    return criterion(F.linear(input, linear_weight, linear_bias), target)
+
+
+def unreduced(input, linear_weight, target, linear_bias=None, weight=None):
+    return F.cross_entropy(
+        F.linear(input, linear_weight, linear_bias), target, reduction="none", label_smoothing=0.2
+    )
+
+
+def log_softmax_nll(input, linear_weight, target, linear_bias=None, weight=None):
+    log_probs = F.log_softmax(F.linear(input, linear_weight, linear_bias), dim=-1)
+    return F.nll_loss(log_probs, target, weight=weight)
+
+
+def unbatched(input, linear_weight, target, linear_bias=None, weight=None):
+    """A 1-D loss input [V] with a scalar target (the last row only)."""
+    return F.cross_entropy(F.linear(input[-1], linear_weight, linear_bias), target[-1])
+
+
+def torch_linear_cross_entropy(input, linear_weight, target, linear_bias=None, weight=None):
+    return F.linear_cross_entropy(
+        input, linear_weight, target, linear_bias=linear_bias, weight=weight, label_smoothing=0.1
+    )
+
+
+VARIANTS: dict[str, Callable[..., torch.Tensor]] = {
+    fn.__name__: fn for fn in (
+        linear_ce, matmul_t, torch_matmul_T, matmul_unembedding, view_flatten, shift_logits,
+        hf_label_shift, upcast_to, softcapped, loss_module, unreduced, log_softmax_nll,
+        unbatched, torch_linear_cross_entropy,
+    )
+}
+# Variants whose code casts to float32 (only meaningful, and only checkable against a float64
+# run of the same code, for 16-bit inputs).
+UPCASTING = {"hf_label_shift", "upcast_to"}
+# Variants that use linear_bias / class weights when given.
+WITH_BIAS = {"linear_ce", "view_flatten", "shift_logits", "hf_label_shift", "upcast_to",
+             "softcapped", "loss_module", "unreduced", "log_softmax_nll", "unbatched",
+             "torch_linear_cross_entropy"}
+WITH_CLASS_WEIGHT = {"linear_ce", "upcast_to", "loss_module", "log_softmax_nll",
+                     "torch_linear_cross_entropy"}
+
+
+def variant_inputs(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> dict:
+    """Inputs in the form of tests/reference.py's make_inputs, with targets the variant
+    accepts (loss_module ignores class 3, the others -100)."""
+    import reference
+
+    inputs = reference.make_inputs(
+        N, V, D, dtype, bias=name in WITH_BIAS, class_weight=name in WITH_CLASS_WEIGHT,
+        ignored="some", ignore_index=3 if name == "loss_module" else -100, seed=seed,
+    )
+    if name == "unbatched":
+        inputs["target"][-1] = 7  # its only row: not ignored
+    return inputs
+
+
+# --- Capturing and describing graphs ----------------------------------------------------------
+
+
+class Capture:
+    """A backend that snapshots the Dynamo graph, rewrites it and runs it without Inductor."""
+
+    def __init__(self, options: RewriteOptions = RewriteOptions()) -> None:
+        self.options = options
+        self.before: list[str] = []
+        self.after: list[str] = []
+        self.reports: list[SiteReport] = []
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        self.before.append(op_sequence(gm))
+        self.reports.extend(rewrite_linear_cross_entropy(gm, self.options))
+        self.after.append(op_sequence(gm))
+        return gm.forward
+
+
+def op_sequence(gm: torch.fx.GraphModule) -> str:
+    """The graph's computation, one line per node: inputs are named a, b, c... in order and
+    results %0, %1...; targets by their function or method name; constants by repr."""
+    names: dict[torch.fx.Node, str] = {}
+    lines = []
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            names[node] = chr(ord("a") + len(names))
+            continue
+        args = torch.fx.node.map_arg(node.args, lambda n: _Name(names[n]))
+        kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: _Name(names[n]))
+        rendered = [_render(a) for a in args] + [f"{k}={_render(v)}" for k, v in kwargs.items()]
+        if node.op == "output":
+            lines.append(f"return {', '.join(rendered)}")
+            continue
+        names[node] = f"%{sum(1 for n in names.values() if n.startswith('%'))}"
+        lines.append(f"{names[node]} = {_target_name(node)}({', '.join(rendered)})")
+    return "\n".join(lines)
+
+
+class _Name(str):
+    def __repr__(self) -> str:
+        return str(self)
+
+
+def _render(value: Any) -> str:
+    if isinstance(value, slice):
+        start, stop = ("" if p is None else _render(p) for p in (value.start, value.stop))
+        return f"{start}:{stop}" + ("" if value.step is None else f":{_render(value.step)}")
+    if isinstance(value, (tuple, list)):
+        return "(" + ", ".join(_render(v) for v in value) + ("," if len(value) == 1 else "") + ")"
+    if value is Ellipsis:
+        return "..."
+    return repr(value)
+
+
+def _target_name(node: torch.fx.Node) -> str:
+    if node.op == "call_method":
+        return f".{node.target}"
+    if node.target in compat.linear_functions():
+        return "linear"
+    if node.target is operator.getitem:
+        return "getitem"
+    return getattr(node.target, "__name__", str(node.target))
+
+
+def capture(fn: Callable, *args, options: RewriteOptions = RewriteOptions(), **kwargs):
+    backend = Capture(options)
+    torch.compile(fn, backend=backend, fullgraph=True)(*args, **kwargs)
+    return backend
+
+
+def call_variant(name: str, backend: Callable) -> Any:
+    inputs = variant_inputs(name)
+    return torch.compile(VARIANTS[name], backend=backend, fullgraph=True)(
+        inputs["input"], inputs["linear_weight"].requires_grad_(), inputs["target"],
+        linear_bias=inputs["linear_bias"], weight=inputs["weight"],
+    )
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    compat.dynamo_counters().clear()
+    yield
+    torch._dynamo.reset()
+
+
+def cce_counters() -> dict[str, int]:
+    return dict(compat.dynamo_counters()["cce"])
+
+
+# --- Snapshots --------------------------------------------------------------------------------
+
+
+class TestRewrittenGraphs(expecttest.TestCase):
+    def check(self, name: str) -> tuple[str, str]:
+        backend = Capture()
+        call_variant(name, backend)
+        self.assertEqual([r.reason for r in backend.reports], ["rewritten"])
+        self.assertEqual(cce_counters(), {"rewritten": 1})
+        (before,), (after,) = backend.before, backend.after
+        return before, after
+
+    def test_linear_ce(self):
+        before, after = self.check("linear_ce")
+        self.assertExpectedInline(before, """\
+%0 = linear(a, b, c)
+%1 = cross_entropy(%0, d, weight=e)
+return (%1,)""")
+        self.assertExpectedInline(after, """\
+%0 = linear_cross_entropy(a, b, d, linear_bias=c, weight=e, reduction='mean', ignore_index=-100, label_smoothing=0.0, softcap=None, filter_eps='auto')
+return (%0,)""")
+
+    def test_matmul_t(self):
+        before, after = self.check("matmul_t")
+        self.assertExpectedInline(before, """\
+%0 = .t(a)
+%1 = matmul(b, %0)
+%2 = cross_entropy(%1, c)
+return (%2,)""")
+        self.assertExpectedInline(after, """\
+%0 = linear_cross_entropy(b, a, c, linear_bias=None, weight=None, reduction='mean', ignore_index=-100, label_smoothing=0.0, softcap=None, filter_eps='auto')
+return (%0,)""")
+
+    def test_torch_matmul_T(self):
+        before, after = self.check("torch_matmul_T")
+        self.assertExpectedInline(before, """\
+%0 = getattr(a, 'T')
+%1 = matmul(b, %0)
+%2 = cross_entropy(%1, c)
+return (%2,)""")
+        self.assertExpectedInline(after, """\
+%0 = linear_cross_entropy(b, a, c, linear_bias=None, weight=None, reduction='mean', ignore_index=-100, label_smoothing=0.0, softcap=None, filter_eps='auto')
+return (%0,)""")
+
+    def test_matmul_unembedding(self):
+        before, after = self.check("matmul_unembedding")
+        self.assertExpectedInline(before, """\
+%0 = .t(a)
+%1 = .contiguous(%0)
+%2 = matmul(b, %1)
+%3 = cross_entropy(%2, c)
+return (%3,)""")
+        self.assertExpectedInline(after, """\
+%0 = .t(a)
+%1 = .contiguous(%0)
+%2 = t(%1)
+%3 = linear_cross_entropy(b, %2, c, linear_bias=None, weight=None, reduction='mean', ignore_index=-100, label_smoothing=0.0, softcap=None, filter_eps='auto')
+return (%3,)""")
+
+    def test_view_flatten(self):
+        before, after = self.check("view_flatten")
+        self.assertExpectedInline(before, """\
+%0 = .view(a, 2, 8, 32)
+%1 = linear(%0, b, c)
+%2 = .contiguous(%1)
+%3 = .flatten(%2, 0, 1)
+%4 = .reshape(%3, -1, 96)
+%5 = cross_entropy(%4, d)
+return (%5,)""")
+        self.assertExpectedInline(after, """\
+%0 = .view(a, 2, 8, 32)
+%1 = .flatten(%0, 0, 1)
+%2 = .reshape(%1, (-1, 32))
+%3 = linear_cross_entropy(%2, b, d, linear_bias=c, weight=None, reduction='mean', ignore_index=-100, label_smoothing=0.0, softcap=None, filter_eps='auto')
+return (%3,)""")
+
+    def test_shift_logits(self):
+        before, after = self.check("shift_logits")
+        self.assertExpectedInline(before, """\
+%0 = .view(a, 2, 8, 32)
+%1 = linear(%0, b, c)
+%2 = getitem(%1, (..., :-1, :))
+%3 = .contiguous(%2)
+%4 = .view(d, 2, 8)
+%5 = getitem(%4, (..., 1:))
+%6 = .contiguous(%5)
+%7 = .view(%3, -1, 96)
+%8 = .view(%6, -1)
+%9 = cross_entropy(%7, %8)
+return (%9,)""")
+        self.assertExpectedInline(after, """\
+%0 = .view(a, 2, 8, 32)
+%1 = .view(d, 2, 8)
+%2 = getitem(%1, (..., 1:))
+%3 = .contiguous(%2)
+%4 = .view(%3, -1)
+%5 = getitem(%0, (..., :-1, :))
+%6 = .reshape(%5, (-1, 32))
+%7 = linear_cross_entropy(%6, b, %4, linear_bias=c, weight=None, reduction='mean', ignore_index=-100, label_smoothing=0.0, softcap=None, filter_eps='auto')
+return (%7,)""")
+
+    def test_hf_label_shift(self):
+        before, after = self.check("hf_label_shift")
+        self.assertExpectedInline(before, """\
+%0 = .view(a, 2, 8, 32)
+%1 = linear(%0, b, c)
+%2 = .float(%1)
+%3 = .view(d, 2, 8)
+%4 = pad(%3, (0, 1), 'constant', -100)
+%5 = getitem(%4, (..., 1:))
+%6 = .contiguous(%5)
+%7 = .view(%2, -1, 96)
+%8 = .view(%6, -1)
+%9 = cross_entropy(%7, %8, ignore_index=-100)
+return (%9,)""")
+        self.assertExpectedInline(after, """\
+%0 = .view(a, 2, 8, 32)
+%1 = .view(d, 2, 8)
+%2 = pad(%1, (0, 1), 'constant', -100)
+%3 = getitem(%2, (..., 1:))
+%4 = .contiguous(%3)
+%5 = .view(%4, -1)
+%6 = .reshape(%0, (-1, 32))
+%7 = linear_cross_entropy(%6, b, %5, linear_bias=c, weight=None, reduction='mean', ignore_index=-100, label_smoothing=0.0, softcap=None, filter_eps='auto')
+return (%7,)""")
+
+    def test_upcast_to(self):
+        before, after = self.check("upcast_to")
+        self.assertExpectedInline(before, """\
+%0 = linear(a, b, c)
+%1 = .to(%0, torch.float32)
+%2 = .float(d)
+%3 = cross_entropy(%1, e, weight=%2)
+return (%3,)""")
+        self.assertExpectedInline(after, """\
+%0 = .float(d)
+%1 = linear_cross_entropy(a, b, e, linear_bias=c, weight=%0, reduction='mean', ignore_index=-100, label_smoothing=0.0, softcap=None, filter_eps='auto')
+return (%1,)""")
+
+    def test_softcapped(self):
+        before, after = self.check("softcapped")
+        self.assertExpectedInline(before, """\
+%0 = linear(a, b, c)
+%1 = truediv(%0, 5.0)
+%2 = tanh(%1)
+%3 = mul(%2, 5.0)
+%4 = cross_entropy(%3, d)
+return (%4,)""")
+        self.assertExpectedInline(after, """\
+%0 = linear_cross_entropy(a, b, d, linear_bias=c, weight=None, reduction='mean', ignore_index=-100, label_smoothing=0.0, softcap=5.0, filter_eps='auto')
+return (%0,)""")
+
+    def test_loss_module(self):
+        before, after = self.check("loss_module")
+        self.assertExpectedInline(before, """\
+%0 = linear(b, c, d)
+%1 = cross_entropy(%0, e, a, None, 3, None, 'sum', 0.1)
+return (%1,)""")
+        self.assertExpectedInline(after, """\
+%0 = linear_cross_entropy(b, c, e, linear_bias=d, weight=a, reduction='sum', ignore_index=3, label_smoothing=0.1, softcap=None, filter_eps='auto')
+return (%0,)""")
+
+    def test_unreduced(self):
+        before, after = self.check("unreduced")
+        self.assertExpectedInline(after, """\
+%0 = linear_cross_entropy(a, b, d, linear_bias=c, weight=None, reduction='none', ignore_index=-100, label_smoothing=0.2, softcap=None, filter_eps='auto')
+return (%0,)""")
+
+    def test_log_softmax_nll(self):
+        before, after = self.check("log_softmax_nll")
+        self.assertExpectedInline(before, """\
+%0 = linear(a, b, c)
+%1 = log_softmax(%0, dim=-1)
+%2 = nll_loss(%1, d, weight=e)
+return (%2,)""")
+        self.assertExpectedInline(after, """\
+%0 = linear_cross_entropy(a, b, d, linear_bias=c, weight=e, reduction='mean', ignore_index=-100, label_smoothing=0.0, softcap=None, filter_eps='auto')
+return (%0,)""")
+
+    def test_unbatched(self):
+        before, after = self.check("unbatched")
+        self.assertExpectedInline(before, """\
+%0 = getitem(a, -1)
+%1 = linear(%0, b, c)
+%2 = getitem(d, -1)
+%3 = cross_entropy(%1, %2)
+return (%3,)""")
+        self.assertExpectedInline(after, """\
+%0 = getitem(a, -1)
+%1 = getitem(d, -1)
+%2 = linear_cross_entropy(%0, b, %1, linear_bias=c, weight=None, reduction='mean', ignore_index=-100, label_smoothing=0.0, softcap=None, filter_eps='auto')
+return (%2,)""")
+
+    def test_torch_linear_cross_entropy(self):
+        before, after = self.check("torch_linear_cross_entropy")
+        self.assertExpectedInline(before, """\
+%0 = linear(a, b, d)
+%1 = .reshape(%0, (16, 96))
+%2 = cross_entropy(%1, c, weight=e, reduction='mean', ignore_index=-100, label_smoothing=0.1)
+return (%2,)""")
+        self.assertExpectedInline(after, """\
+%0 = .reshape(a, (16, 32))
+%1 = linear_cross_entropy(%0, b, c, linear_bias=d, weight=e, reduction='mean', ignore_index=-100, label_smoothing=0.1, softcap=None, filter_eps='auto')
+return (%1,)""")
+
+    def test_modules_with_tied_weights(self):
+        """nn.Embedding and an nn.Linear head sharing its weight, nn.CrossEntropyLoss."""
+
+        class TinyLM(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.embed = nn.Embedding(V, D)
+                self.head = nn.Linear(D, V, bias=False)
+                self.head.weight = self.embed.weight
+                self.criterion = nn.CrossEntropyLoss()
+
+            def forward(self, ids, labels):
+                logits = self.head(torch.relu(self.embed(ids)))
+                return self.criterion(logits.view(-1, V), labels.view(-1))
+
+        ids = torch.randint(0, V, (B, T))
+        backend = capture(TinyLM(), ids, ids)
+        self.assertEqual(cce_counters(), {"rewritten": 1})
+        self.assertExpectedInline(backend.before[0], """\
+%0 = embedding(b, a, None, None, 2.0, False, False)
+%1 = relu(%0)
+%2 = linear(%1, a, None)
+%3 = .view(%2, -1, 96)
+%4 = .view(b, -1)
+%5 = cross_entropy(%3, %4, weight=None, ignore_index=-100, reduction='mean', label_smoothing=0.0)
+return (%5,)""")
+        self.assertExpectedInline(backend.after[0], """\
+%0 = embedding(b, a, None, None, 2.0, False, False)
+%1 = relu(%0)
+%2 = .view(b, -1)
+%3 = .reshape(%1, (-1, 32))
+%4 = linear_cross_entropy(%3, a, %2, linear_bias=None, weight=None, reduction='mean', ignore_index=-100, label_smoothing=0.0, softcap=None, filter_eps='auto')
+return (%4,)""")
+
+    def test_returned_logits_are_kept(self):
+        def loss_and_logits(x, w, y):
+            logits = F.linear(x, w)
+            return F.cross_entropy(logits.float(), y), logits
+
+        x, w = torch.randn(N, D, dtype=torch.bfloat16), torch.randn(V, D, dtype=torch.bfloat16)
+        backend = capture(loss_and_logits, x, w, torch.randint(0, V, (N,)))
+        self.assertExpectedInline(backend.after[0], """\
+%0 = linear(a, b)
+%1 = linear_cross_entropy(a, b, c, linear_bias=None, weight=None, reduction='mean', ignore_index=-100, label_smoothing=0.0, softcap=None, filter_eps='auto')
+return (%1, %0)""")
+        self.assertEqual(backend.reports[0].logits_outputs, 1)
+
+    def test_returned_logits_dropped(self):
+        def loss_and_logits(x, w, y):
+            logits = F.linear(x.view(B, T, D), w)
+            return F.cross_entropy(logits.float().view(-1, V), y), logits
+
+        x, w = torch.randn(N, D, dtype=torch.bfloat16), torch.randn(V, D, dtype=torch.bfloat16)
+        backend = capture(
+            loss_and_logits, x, w, torch.randint(0, V, (N,)),
+            options=RewriteOptions(drop_logits=True),
+        )
+        self.assertExpectedInline(backend.after[0], """\
+%0 = .view(a, 2, 8, 32)
+%1 = .reshape(%0, (-1, 32))
+%2 = linear_cross_entropy(%1, b, c, linear_bias=None, weight=None, reduction='mean', ignore_index=-100, label_smoothing=0.0, softcap=None, filter_eps='auto')
+%3 = getitem(%0, (..., 0:0))
+%4 = empty_like(%3, dtype=torch.bfloat16)
+return (%2, %4)""")
+
+    def test_autocast_head(self):
+        """Under autocast the head's fp32 inputs are cast to bf16, as autocast's linear does."""
+
+        def autocast_loss(x, w, y):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits = F.linear(x, w)
+            return F.cross_entropy(logits.float(), y)
+
+        backend = capture(
+            autocast_loss, torch.randn(N, D), torch.randn(V, D), torch.randint(0, V, (N,))
+        )
+        self.assertEqual(cce_counters(), {"rewritten": 1})
+        self.assertExpectedInline(backend.after[0], """\
+%0 = _enter_autocast('cpu', torch.bfloat16, True, None)
+%1 = _exit_autocast(%0)
+%2 = .to(a, torch.bfloat16)
+%3 = .to(b, torch.bfloat16)
+%4 = linear_cross_entropy(%2, %3, c, linear_bias=None, weight=None, reduction='mean', ignore_index=-100, label_smoothing=0.0, softcap=None, filter_eps='auto')
+return (%4,)""")
+
+
+# --- Sites left alone -------------------------------------------------------------------------
+
+
+def _inputs(dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
+    return torch.randn(N, D, dtype=dtype), torch.randn(V, D, dtype=dtype), \
+        torch.randint(0, V, (N,))
+
+
+def k_dimensional(x, w, y):
+    logits = F.linear(x.view(B, T, D), w)
+    return F.cross_entropy(logits.transpose(1, 2), y.view(B, T))
+
+
+def probability_targets(x, w, y):
+    return F.cross_entropy(F.linear(x, w), F.one_hot(y, V).float())
+
+
+def z_loss(x, w, y):
+    logits = F.linear(x, w)
+    return F.cross_entropy(logits, y) + 1e-4 * logits.logsumexp(-1).pow(2).mean()
+
+
+def activation_between(x, w, y):
+    return F.cross_entropy(torch.relu(F.linear(x, w)), y)
+
+
+def vocab_sliced(x, w, y):
+    return F.cross_entropy(F.linear(x, w)[:, : V - 1], y.clamp(max=V - 2))
+
+
+def downcast(x, w, y):
+    return F.cross_entropy(F.linear(x, w).to(torch.bfloat16), y)
+
+
+def log_softmax_wrong_dim(x, w, y):
+    return F.nll_loss(F.log_softmax(F.linear(x, w), dim=0), y)
+
+
+def logits_from_input(logits, w, y):
+    return F.cross_entropy(logits, y)
+
+
+def batched_matmul(x, w, y):
+    return F.cross_entropy(torch.bmm(x.view(1, N, D), w.t()[None])[0], y)
+
+
+@pytest.mark.parametrize("fn, reason", [
+    (k_dimensional, "k_dimensional_loss"),
+    (probability_targets, "probability_target"),
+    (z_loss, "logits_used_elsewhere"),
+    (activation_between, "unsupported_op"),
+    (vocab_sliced, "vocab_dim_touched"),
+    (downcast, "unsupported_cast"),
+    (log_softmax_wrong_dim, "log_softmax_dim"),
+    (batched_matmul, "unsupported_op"),
+], ids=lambda v: getattr(v, "__name__", v))
+def test_untouched(fn, reason):
+    backend = capture(fn, *_inputs())
+    assert [r.reason for r in backend.reports] == [reason]
+    assert backend.after == backend.before
+    assert cce_counters() == {f"skipped:{reason}": 1}
+
+
+def test_logits_computed_in_another_graph():
+    """A graph break between head and loss leaves the loss graph with logits as an input."""
+    x, w, y = _inputs()
+    backend = capture(logits_from_input, F.linear(x, w), w, y)
+    assert [r.reason for r in backend.reports] == ["logits_are_graph_input"]
+
+
+def test_disabled_pattern():
+    backend = Capture(RewriteOptions(patterns={"linear", "cross_entropy"}))
+    call_variant("softcapped", backend)
+    assert [r.reason for r in backend.reports] == ["disabled:softcap"]
+    assert cce_counters() == {"skipped:disabled:softcap": 1}
+
+
+def test_internal_error_leaves_graph_unchanged(monkeypatch, caplog):
+    """A bug in the pass costs the fusion, never the compilation."""
+    from cce_inductor import rewrite
+
+    def broken(*args):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(rewrite, "_check_rows", broken)
+    with caplog.at_level("WARNING", logger="cce_inductor"):
+        backend = Capture()
+        result = call_variant("shift_logits", backend)
+    assert [r.reason for r in backend.reports] == ["internal_error"]
+    assert backend.after == backend.before
+    assert torch.isfinite(result)
+    assert any("rewriting cross_entropy failed" in r.getMessage() for r in caplog.records)
+
+
+def test_unknown_pattern_name():
+    with pytest.raises(ValueError, match="unknown patterns"):
+        RewriteOptions(patterns={"linear", "softmax"})
+
+
+def test_log_says_why(caplog):
+    with caplog.at_level("INFO", logger="cce_inductor"):
+        capture(z_loss, *_inputs())
+        call_variant("softcapped", Capture())
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith("cce_inductor")]
+    assert any("left cross_entropy unchanged: logits_used_elsewhere" in m for m in messages), \
+        messages
+    assert any("rewrote cross_entropy" in m and "softcap 5.0" in m for m in messages), messages

@@ -1,0 +1,511 @@
+"""cce-bench: linear -> cross_entropy, loss only and loss + gradient, every implementation at hand.
+
+    cce-bench                                  # preset 'default' (N=1024, V=32768, D=256, fp32)
+    cce-bench --preset gemma2-2b --json out.json --png out.png     # on a GPU
+    cce-bench --preset gemma2-2b --memory-report                   # no run: read compiled code
+
+Each implementation runs in its own process (compile caches and memory peaks stay apart) on the
+same inputs, saved once. Per implementation and mode: median time over repetitions after
+warmup, peak memory beyond the inputs (gradients included), and the relative L2 error of the
+loss and of both gradients against a float64 reference computed once. For cce-inductor also the
+fraction of backward filter tiles skipped. Inputs are synthetic: targets uniform over the
+vocabulary, hidden states leaning towards their target's classifier row, so that the softmax is
+peaked as in a trained model (a loss near 1); how many tiles filtering skips depends on data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from typing import Any, Callable, ContextManager, Optional
+
+import torch
+import torch.nn.functional as F
+from tabulate import tabulate
+
+from cce_inductor import compat, filter_stats
+from cce_inductor.tools import measure
+from cce_inductor.tools.presets import DTYPES, PRESETS, Shape, resolve
+
+MODES = ("loss", "loss+grad")
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+# How strongly each hidden state leans towards its target's classifier row (logit units).
+TARGET_PULL = 10.0
+REFERENCE_ROWS = 1024  # rows of fp64 logits the reference holds at a time
+
+
+def _torch_reference(hidden: torch.Tensor, classifier: torch.Tensor, target: torch.Tensor):
+    return F.cross_entropy(F.linear(hidden, classifier), target)
+
+
+@dataclasses.dataclass(frozen=True)
+class Implementation:
+    name: str
+    build: Callable[[torch.device], LossFn]
+    unavailable: Callable[[torch.device], Optional[str]] = lambda device: None
+    counts_filter_tiles: bool = False
+    # Held while the implementation runs (its compilation happens at the first calls).
+    config: Callable[[], ContextManager[Any]] = contextlib.nullcontext
+
+
+def _torch_compile(device: torch.device) -> LossFn:
+    return torch.compile(_torch_reference, dynamic=False)
+
+
+def _torch_chunked(device: torch.device) -> LossFn:
+    options = torch.nn.LinearCrossEntropyOptions()
+    return lambda e, c, t: F.linear_cross_entropy(e, c, t, options=options)
+
+
+def _torch_chunked_missing(device: torch.device) -> Optional[str]:
+    if not hasattr(F, "linear_cross_entropy") or not hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        return f"torch {torch.__version__} has no F.linear_cross_entropy (2.13+)"
+    return None
+
+
+def _apple_impl(device: torch.device) -> str:
+    return "cce" if device.type == "cuda" else "torch_compile"
+
+
+def _apple(device: torch.device) -> LossFn:
+    from cut_cross_entropy import linear_cross_entropy
+
+    impl = _apple_impl(device)
+    return lambda e, c, t: linear_cross_entropy(e, c, t, impl=impl)
+
+
+def _apple_missing(device: torch.device) -> Optional[str]:
+    if importlib.util.find_spec("cut_cross_entropy") is None:
+        return "not installed (pip install --no-deps cut-cross-entropy)"
+    return None
+
+
+def _liger(device: torch.device) -> LossFn:
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    loss_module = LigerFusedLinearCrossEntropyLoss()
+
+    def loss(e: torch.Tensor, c: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        result = loss_module(c, e, t)  # Liger takes the weight first
+        return result[0] if isinstance(result, tuple) else result
+
+    return loss
+
+
+def _liger_missing(device: torch.device) -> Optional[str]:
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "not installed (pip install liger-kernel)"
+    if device.type != "cuda":
+        return "Triton kernels need CUDA"
+    return None
+
+
+def _cce_api(device: torch.device) -> LossFn:
+    import cce_inductor
+
+    return lambda e, c, t: cce_inductor.linear_cross_entropy(e, c, t)
+
+
+def _cce_backend(device: torch.device) -> LossFn:
+    return torch.compile(_torch_reference, backend="cce", dynamic=False)
+
+
+IMPLEMENTATIONS = (
+    Implementation("torch eager", lambda device: _torch_reference),
+    Implementation("torch.compile", _torch_compile),
+    Implementation(
+        "torch.compile auto_chunker", _torch_compile, config=compat.inductor_auto_chunker
+    ),
+    Implementation("torch F.linear_cross_entropy chunked", _torch_chunked, _torch_chunked_missing),
+    Implementation("cut-cross-entropy", _apple, _apple_missing),
+    Implementation("liger fused linear CE", _liger, _liger_missing),
+    Implementation("cce-inductor API", _cce_api, counts_filter_tiles=True),
+    Implementation('cce-inductor backend="cce"', _cce_backend, counts_filter_tiles=True),
+)
+
+
+def implementation(name: str) -> Implementation:
+    return next(impl for impl in IMPLEMENTATIONS if impl.name == name)
+
+
+def display_name(impl: Implementation, device: torch.device) -> str:
+    if impl.build is _apple:
+        return f"{impl.name} ({_apple_impl(device)})"
+    return impl.name
+
+
+# --- inputs and reference ---------------------------------------------------------------------
+
+
+def make_inputs(shape: Shape, seed: int) -> dict[str, torch.Tensor]:
+    """Hidden states [N, D], classifier [V, D] (rows of norm ~1) and targets [N], on the CPU."""
+    generator = torch.Generator().manual_seed(seed)
+    classifier = torch.randn(shape.v, shape.d, generator=generator) / math.sqrt(shape.d)
+    target = torch.randint(0, shape.v, (shape.n,), generator=generator)
+    hidden = torch.randn(shape.n, shape.d, generator=generator)
+    hidden += TARGET_PULL * classifier[target]
+    dtype = shape.torch_dtype
+    return {"hidden": hidden.to(dtype), "classifier": classifier.to(dtype), "target": target}
+
+
+def reference(inputs: dict[str, torch.Tensor], device: torch.device) -> dict[str, Any]:
+    """float64 loss and gradients of linear -> cross_entropy (mean), a block of rows at a time."""
+    hidden = inputs["hidden"].to(device, torch.float64)
+    classifier = inputs["classifier"].to(device, torch.float64).requires_grad_(True)
+    target = inputs["target"].to(device)
+    n = hidden.shape[0]
+    loss = 0.0
+    grad_hidden = torch.empty_like(hidden)
+    for start in range(0, n, REFERENCE_ROWS):
+        rows = hidden[start:start + REFERENCE_ROWS].clone().requires_grad_(True)
+        part = F.cross_entropy(
+            F.linear(rows, classifier), target[start:start + REFERENCE_ROWS], reduction="sum"
+        ) / n
+        part.backward()
+        grad_hidden[start:start + REFERENCE_ROWS] = rows.grad
+        loss += part.item()
+    return {"loss": loss, "grad_input": grad_hidden.cpu(), "grad_weight": classifier.grad.cpu()}
+
+
+def relative_error(value: torch.Tensor, expected: torch.Tensor) -> float:
+    """||value - expected|| / ||expected|| in float64, a block of rows at a time."""
+    squared_error = squared_norm = 0.0
+    for start in range(0, expected.shape[0], 65536):
+        exact = expected[start:start + 65536].double()
+        squared_error += (value[start:start + 65536].double() - exact).square().sum().item()
+        squared_norm += exact.square().sum().item()
+    return math.sqrt(squared_error / squared_norm) if squared_norm else math.sqrt(squared_error)
+
+
+# --- one implementation, in its worker process ------------------------------------------------
+
+
+def _device_inputs(
+    inputs: dict[str, torch.Tensor], device: torch.device, with_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return (
+        inputs["hidden"].to(device).requires_grad_(with_grad),
+        inputs["classifier"].to(device).requires_grad_(with_grad),
+        inputs["target"].to(device),
+    )
+
+
+def _measure_mode(
+    loss_fn: LossFn, inputs: dict[str, torch.Tensor], mode: str, device: torch.device,
+    payload: dict[str, Any], label: str,
+) -> dict[str, Any]:
+    with_grad = mode == "loss+grad"
+    hidden, classifier, target = _device_inputs(inputs, device, with_grad)
+
+    def run() -> torch.Tensor:
+        loss = loss_fn(hidden, classifier, target)
+        if with_grad:
+            loss.backward()
+        return loss.detach()
+
+    def fresh_run() -> torch.Tensor:
+        hidden.grad = classifier.grad = None
+        return run()
+
+    start = time.perf_counter()
+    fresh_run()
+    measure.synchronize(device)
+    first_call = time.perf_counter() - start
+    seconds = measure.median_seconds(fresh_run, device, payload["warmup"], payload["repetitions"])
+    # The old gradients are freed before the measurement, so the peak counts the new ones.
+    hidden.grad = classifier.grad = None
+    loss, peak = measure.peak_extra_bytes(run, device)
+    result = {
+        "mode": mode, "first_call_s": first_call, "median_ms": seconds * 1e3,
+        "peak_bytes": peak, "loss": loss.double().item(),
+    }
+    if with_grad:
+        torch.save(
+            {"grad_input": hidden.grad.cpu(), "grad_weight": classifier.grad.cpu()},
+            payload["gradients_path"],
+        )
+    print(
+        f"    {label} {mode}: first call {first_call:.1f} s, median {seconds * 1e3:.1f} ms, "
+        f"peak {measure.megabytes(peak)} MB",
+        flush=True,
+    )
+    return result
+
+
+def _filter_tiles(
+    impl: Implementation, inputs: dict[str, torch.Tensor], device: torch.device
+) -> list[int]:
+    """[skipped, total] backward filter tiles of one loss+grad run. Compiled kernels count
+    only when lowered with counting on (it costs atomics and a sync), so this run compiles
+    afresh, after the timed ones."""
+    from cce_inductor.lowering import filter_counting
+
+    hidden, classifier, target = _device_inputs(inputs, device, with_grad=True)
+    torch.compiler.reset()
+    with filter_counting.counting(), impl.config(), filter_stats.collect() as stats:
+        impl.build(device)(hidden, classifier, target).backward()
+    return [stats.skipped, stats.total]
+
+
+def worker(payload: dict[str, Any]) -> dict[str, Any]:
+    device = torch.device(payload["device"])
+    inputs = torch.load(payload["inputs_path"], mmap=True)
+    if payload["implementation"] == "float64 reference":
+        result = reference(inputs, device)
+        torch.save(result, payload["reference_path"])
+        return {"loss": result["loss"]}
+    impl = implementation(payload["implementation"])
+    label = display_name(impl, device)
+    compat.dynamo_counters()["cce"].clear()
+    torch.compiler.reset()
+    with impl.config():
+        loss_fn = impl.build(device)
+        modes = [
+            _measure_mode(loss_fn, inputs, mode, device, payload, label)
+            for mode in payload["modes"]
+        ]
+    if impl.counts_filter_tiles and "loss+grad" in payload["modes"]:
+        modes[payload["modes"].index("loss+grad")]["filter_tiles"] = _filter_tiles(
+            impl, inputs, device
+        )
+    # The graph pass's decisions (empty for implementations that do not use it).
+    return {"modes": modes, "rewrites": dict(compat.dynamo_counters()["cce"])}
+
+
+# --- the driver -------------------------------------------------------------------------------
+
+
+def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="cce-bench",
+        description="Benchmark linear -> cross_entropy implementations (loss, loss+grad): "
+        "time, peak memory, error against float64.",
+    )
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="default")
+    parser.add_argument("--n", type=int, help="tokens (overrides the preset)")
+    parser.add_argument("--v", type=int, help="vocabulary size (overrides the preset)")
+    parser.add_argument("--d", type=int, help="hidden size (overrides the preset)")
+    parser.add_argument("--dtype", choices=DTYPES, help="overrides the preset's dtype")
+    parser.add_argument(
+        "--impl", action="append", metavar="NAME",
+        help="run only these implementations (repeatable); names: "
+        + "; ".join(impl.name for impl in IMPLEMENTATIONS),
+    )
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs after the first")
+    parser.add_argument("--repetitions", type=int, default=3, help="timed runs (median)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cpu or cuda (default: cuda when available)",
+    )
+    parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    parser.add_argument("--png", metavar="PATH", help="write a chart (needs matplotlib)")
+    parser.add_argument(
+        "--allow-slow", action="store_true",
+        help="let presets other than 'default' run on the CPU (they are meant for GPUs)",
+    )
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds per implementation")
+    parser.add_argument(
+        "--same-process", action="store_true",
+        help="run every implementation in this process (quicker to start; but then compile "
+        "caches and allocator state of one implementation may affect the next)",
+    )
+    parser.add_argument(
+        "--memory-report", action="store_true",
+        help="instead of running, report the buffers the compiled loss+grad allocates at this "
+        "shape (read from Inductor's generated code; see cce_inductor.tools.memory_report)",
+    )
+    args = parser.parse_args(argv)
+    known = {impl.name for impl in IMPLEMENTATIONS}
+    for name in args.impl or ():
+        if name not in known:
+            parser.error(f"unknown implementation {name!r}; known: {sorted(known)}")
+    if (
+        not args.memory_report and args.device == "cpu" and args.preset != "default"
+        and not args.allow_slow
+    ):
+        parser.error(
+            f"preset {args.preset!r} takes hours on a CPU; pass --allow-slow to run it anyway, "
+            "or --memory-report to read its memory use from the compiled code without running"
+        )
+    return args
+
+
+def _format(value: Optional[float], spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def table_rows(results: list[dict[str, Any]]) -> list[list[str]]:
+    rows = []
+    for entry in results:
+        if "error" in entry:
+            rows.append([entry["implementation"], entry.get("mode", ""), entry["error"]] + [""] * 6)
+            continue
+        tiles = entry.get("filter_tiles")
+        rows.append([
+            entry["implementation"], entry["mode"],
+            _format(entry["median_ms"], ",.1f"),
+            measure.megabytes(entry["peak_bytes"]),
+            _format(entry["loss_error"], ".1e"),
+            _format(entry.get("grad_input_error"), ".1e"),
+            _format(entry.get("grad_weight_error"), ".1e"),
+            f"{tiles[0] / tiles[1]:.1%} of {tiles[1]}" if tiles and tiles[1] else "—",
+            _format(entry["first_call_s"], ".1f"),
+        ])
+    return rows
+
+
+TABLE_HEADERS = [
+    "implementation", "mode", "median ms", "peak extra MB", "loss rel err",
+    "grad input rel err", "grad weight rel err", "filter tiles skipped", "first call s",
+]
+
+
+def write_png(results: list[dict[str, Any]], title: str, path: str) -> Optional[str]:
+    """Bar charts of time and memory per mode; returns a message when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install 'cce-inductor[bench]'); no PNG written"
+    ok = [entry for entry in results if "error" not in entry]
+    modes = [mode for mode in MODES if any(entry["mode"] == mode for entry in ok)]
+    figure, axes = plt.subplots(
+        len(modes), 2, figsize=(13, 1.2 + 0.45 * len(ok)), squeeze=False
+    )
+    for row, mode in enumerate(modes):
+        entries = [entry for entry in ok if entry["mode"] == mode]
+        names = [entry["implementation"] for entry in entries]
+        panels = (("median_ms", 1.0, "median time (ms)"),
+                  ("peak_bytes", 1 / measure.MB, "peak extra memory (MB)"))
+        for column, (key, scale, unit) in enumerate(panels):
+            axis = axes[row][column]
+            values = [entry[key] * scale for entry in entries]
+            colors = [
+                "tab:orange" if name.startswith("cce-inductor") else "tab:blue" for name in names
+            ]
+            axis.barh(names, values, color=colors)
+            axis.invert_yaxis()
+            axis.set_xlabel(unit)
+            axis.set_title(mode)
+            for y, value in enumerate(values):
+                axis.text(value, y, f" {value:,.1f}", va="center", fontsize=8)
+            if column:
+                axis.set_yticklabels([])
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return None
+
+
+def _run(payload: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """One implementation's measurements, in a process of its own unless --same-process."""
+    if not args.same_process:
+        return measure.run_worker("cce_inductor.tools.bench", payload, args.timeout)
+    try:
+        return worker(payload)
+    except Exception as error:  # reported in the table like a failed worker process
+        return {"error": f"{type(error).__name__}: {error}"}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    payload = measure.worker_payload(argv)
+    if payload is not None:
+        measure.write_worker_result(payload, worker(payload))
+        return 0
+    args = _parse(argv)
+    shape = resolve(args.preset, args.n, args.v, args.d, args.dtype)
+    if args.memory_report:
+        from cce_inductor.tools import memory_report
+
+        print(memory_report.render(memory_report.build(shape, args.preset)))
+        return 0
+    device = torch.device(args.device)
+    selected = [
+        impl for impl in IMPLEMENTATIONS if not args.impl or impl.name in args.impl
+    ]
+    title = f"cce-bench {args.preset}: {shape.describe()} on {device.type}"
+    print(f"{title}; {args.warmup} warmup, {args.repetitions} timed repetitions", flush=True)
+
+    results: list[dict[str, Any]] = []
+    skipped = []
+    rewrites: dict[str, dict[str, int]] = {}
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="cce-bench-") as folder:
+        inputs_path = os.path.join(folder, "inputs.pt")
+        torch.save(make_inputs(shape, args.seed), inputs_path)
+        common = {
+            "device": args.device, "inputs_path": inputs_path, "modes": args.modes,
+            "warmup": args.warmup, "repetitions": args.repetitions,
+            "reference_path": os.path.join(folder, "reference.pt"),
+            "gradients_path": os.path.join(folder, "gradients.pt"),
+        }
+        print("  float64 reference", flush=True)
+        outcome = _run(dict(common, implementation="float64 reference"), args)
+        if "error" in outcome:
+            print(f"the float64 reference failed: {outcome['error']}", file=sys.stderr)
+            return 1
+        expected = torch.load(common["reference_path"], mmap=True)
+        print(f"  reference loss {expected['loss']:.4f}", flush=True)
+        for impl in selected:
+            reason = impl.unavailable(device)
+            name = display_name(impl, device)
+            if reason:
+                skipped.append([name, reason])
+                continue
+            print(f"  {name}", flush=True)
+            outcome = _run(dict(common, implementation=impl.name), args)
+            if "error" in outcome:
+                results.append({"implementation": name, "error": outcome["error"]})
+                continue
+            if outcome["rewrites"]:
+                rewrites[name] = outcome["rewrites"]
+            for entry in outcome["modes"]:
+                entry = dict(entry, implementation=name)
+                entry["loss_error"] = abs(entry["loss"] - expected["loss"]) / abs(expected["loss"])
+                if entry["mode"] == "loss+grad":
+                    gradients = torch.load(common["gradients_path"], mmap=True)
+                    for key in ("grad_input", "grad_weight"):
+                        entry[f"{key}_error"] = relative_error(gradients[key], expected[key])
+                results.append(entry)
+    elapsed = time.perf_counter() - started
+
+    print()
+    print(title)
+    print(tabulate(table_rows(results), headers=TABLE_HEADERS, tablefmt="github"))
+    for name, counts in rewrites.items():
+        described = ", ".join(f"{key}: {value}" for key, value in sorted(counts.items()))
+        print(f"graph pass of {name}: {described}")
+    for name, reason in skipped:
+        print(f"not run: {name}: {reason}")
+    print(f"total {elapsed:.0f} s")
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump({
+                "preset": args.preset, "shape": dataclasses.asdict(shape), "device": args.device,
+                "torch": torch.__version__, "warmup": args.warmup,
+                "repetitions": args.repetitions, "results": results,
+                "not_run": dict(skipped), "rewrites": rewrites, "seconds": elapsed,
+            }, file, indent=2)
+    if args.png:
+        message = write_png(results, title, args.png)
+        if message:
+            print(message, file=sys.stderr)
+    return 1 if any("error" in entry for entry in results) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
