@@ -109,12 +109,15 @@ def _check_arguments(
 def _check_target_values(target: Tensor, vocab: int, ignore_index: int) -> None:
     """Targets must lie in [0, V) or equal ignore_index: a bad one raises, never a wrong loss."""
     bad = ((target < 0) | (target >= vocab)) & (target != ignore_index)
-    message = f"target values must be in [0, {vocab}) or equal ignore_index ({ignore_index})"
     if compat.is_traced(target):
-        torch._assert_async(~bad.any(), message)
+        # No f-string of vocab here: formatting a symbolic V would specialize it.
+        torch._assert_async(~bad.any(), "target values must be in [0, V) or equal ignore_index")
     elif bad.any():
         example = int(target[bad].flatten()[0])
-        raise IndexError(f"{message}; got {example}")
+        raise IndexError(
+            f"target values must be in [0, {vocab}) or equal ignore_index ({ignore_index}); "
+            f"got {example}"
+        )
 
 
 def linear_cross_entropy(

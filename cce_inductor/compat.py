@@ -271,7 +271,8 @@ def legacy_reduction(size_average, reduce) -> str:
 
 def dynamo_counters():
     """torch._dynamo.utils.counters: a defaultdict of collections.Counter, shown by
-    torch._dynamo.utils.compile_times and cleared by torch._dynamo.reset()."""
+    torch._dynamo.utils.compile_times. torch._dynamo.reset() does not clear it: compare
+    values before and after."""
     from torch._dynamo.utils import counters
 
     return counters
