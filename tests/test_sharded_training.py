@@ -61,7 +61,8 @@ class Setup:
     reduction: str = "mean"
     dtensor_target: bool = False  # tp: targets (and class weights) as replicated DTensors
     #                               instead of plain tensors under loss_parallel()
-    rowwise_head: bool = False  # tp: shard the head by hidden units instead of by classes
+    head: str = "colwise"  # tp: "colwise" (by classes), "rowwise" (by hidden units), or
+    #                        "unembedding": `hidden @ M` with M [D, V] sharded by classes
     far_block: bool = False  # rank 1's classes get logits FAR below, and no targets
     filter_eps: Optional[float] = None  # the backend's cce.filter_eps
 
@@ -84,9 +85,9 @@ SETUPS = [
 SETUP_BY_NAME = {setup.name: setup for setup in SETUPS}
 # Not trained: the graph pass's decision, and one step of the graph it leaves, run eagerly.
 DECISIONS = [
-    Setup("tp_rowwise_head", "tp", dtensor_target=True, rowwise_head=True),
-    Setup("tp_unembedding_matmul", "tp", vocab=VOCAB + 1),
-    Setup("tp_one_class", "tp", vocab=1),
+    Setup("tp_rowwise_head", "tp", dtensor_target=True, head="rowwise"),
+    Setup("tp_unembedding_matmul", "tp", vocab=VOCAB + 1, head="unembedding"),
+    Setup("tp_one_class", "tp", vocab=1, dtensor_target=True),
 ]
 
 
@@ -245,7 +246,7 @@ def _decide(setup: Setup, rank: int) -> dict[str, Any]:
     """The graph pass's decision, and the loss and gradients of one step of the graph it
     leaves, run eagerly (no Inductor: what is checked is the rewrite)."""
     counters = _fresh_counters()
-    if setup.name == "tp_unembedding_matmul":
+    if setup.head == "unembedding":
         from torch.distributed.device_mesh import init_device_mesh
 
         mesh = init_device_mesh("cpu", (WORLD,))
@@ -300,7 +301,7 @@ def _parallelize(model: TinyLM, setup: Setup) -> tuple[nn.Module, Any]:
         return model, None
     # loss_parallel needs class-sharded logits: use_local_output=False keeps them a DTensor.
     plan = RowwiseParallel(input_layouts=Replicate(), use_local_output=False) \
-        if setup.rowwise_head else ColwiseParallel(use_local_output=False)
+        if setup.head == "rowwise" else ColwiseParallel(use_local_output=False)
     if setup.parallel == "tp":
         mesh = init_device_mesh("cpu", (WORLD,))
         parallelize_module(model, mesh, {"lm_head": plan})
@@ -530,7 +531,7 @@ def test_graph_pass_decision(rank_results, setup, decision):
     """The pass's decision on other tensor-parallel heads, and the loss and gradients of the
     graph it leaves (one step, eager) against the float64 single-process computation."""
     setup = next(s for s in DECISIONS if s.name == setup)
-    model = UnembeddingLM(setup) if setup.name == "tp_unembedding_matmul" else make_model(setup)
+    model = UnembeddingLM(setup) if setup.head == "unembedding" else make_model(setup)
     model = model.double()
     tokens, labels = make_batch(setup)
     loss = model(tokens, labels)

@@ -220,12 +220,15 @@ def _measure_mode(
     fresh_run()
     measure.synchronize(device)
     first_call = time.perf_counter() - start
-    seconds = measure.median_seconds(fresh_run, device, payload["warmup"], payload["repetitions"])
+    seconds, repetitions = measure.median_seconds(
+        fresh_run, device, payload["warmup"], payload["repetitions"], payload["budget_seconds"]
+    )
     # The old gradients are freed before the measurement, so the peak counts the new ones.
     hidden.grad = classifier.grad = None
     loss, peak = measure.peak_extra_bytes(run, device)
     result = {
         "mode": mode, "first_call_s": first_call, "median_ms": seconds * 1e3,
+        "repetitions": repetitions,
         "peak_bytes": peak, "loss": loss.double().item(),
     }
     if with_grad:
@@ -314,6 +317,11 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
         "--allow-slow", action="store_true",
         help="let presets other than 'default' run on the CPU (they are meant for GPUs)",
     )
+    parser.add_argument(
+        "--budget", type=float, default=15.0, metavar="SECONDS",
+        help="per implementation and mode: no further warmup or timed run starts once this much "
+        "time went into them (at least one timed run; default 15)",
+    )
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per implementation")
     parser.add_argument(
         "--same-process", action="store_true",
@@ -354,7 +362,7 @@ def table_rows(results: list[dict[str, Any]]) -> list[list[str]]:
         tiles = entry.get("filter_tiles")
         rows.append([
             entry["implementation"], entry["mode"],
-            _format(entry["median_ms"], ",.1f"),
+            f"{entry['median_ms']:,.1f} ({entry['repetitions']})",
             measure.megabytes(entry["peak_bytes"]),
             _format(entry["loss_error"], ".1e"),
             _format(entry.get("grad_input_error"), ".1e"),
@@ -366,7 +374,7 @@ def table_rows(results: list[dict[str, Any]]) -> list[list[str]]:
 
 
 TABLE_HEADERS = [
-    "implementation", "mode", "median ms", "peak extra MB", "loss rel err",
+    "implementation", "mode", "median ms (runs)", "peak extra MB", "loss rel err",
     "grad input rel err", "grad weight rel err", "filter tiles skipped", "first call s",
 ]
 
@@ -437,8 +445,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     selected = [
         impl for impl in IMPLEMENTATIONS if not args.impl or impl.name in args.impl
     ]
-    title = f"cce-bench {args.preset}: {shape.describe()} on {device.type}"
-    print(f"{title}; {args.warmup} warmup, {args.repetitions} timed repetitions", flush=True)
+    name = args.preset if shape == PRESETS[args.preset] else "custom shape"
+    title = f"cce-bench {name}: {shape.describe()} on {device.type}"
+    print(
+        f"{title}; {args.warmup} warmup, {args.repetitions} timed repetitions (fewer once "
+        f"{args.budget:.0f} s went into them)",
+        flush=True,
+    )
 
     results: list[dict[str, Any]] = []
     skipped = []
@@ -450,6 +463,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         common = {
             "device": args.device, "inputs_path": inputs_path, "modes": args.modes,
             "warmup": args.warmup, "repetitions": args.repetitions,
+            "budget_seconds": args.budget,
             "reference_path": os.path.join(folder, "reference.pt"),
             "gradients_path": os.path.join(folder, "gradients.pt"),
         }
@@ -485,7 +499,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     print()
     print(title)
-    print(tabulate(table_rows(results), headers=TABLE_HEADERS, tablefmt="github"))
+    print(tabulate(
+        table_rows(results), headers=TABLE_HEADERS, tablefmt="github", disable_numparse=True
+    ))
     for name, counts in rewrites.items():
         described = ", ".join(f"{key}: {value}" for key, value in sorted(counts.items()))
         print(f"graph pass of {name}: {described}")

@@ -56,19 +56,36 @@ def peak_extra_bytes(fn: Callable[[], T], device: torch.device) -> tuple[T, int]
 
 
 def median_seconds(
-    fn: Callable[[], Any], device: torch.device, warmup: int, repetitions: int
-) -> float:
-    """Median wall time of `fn()` over `repetitions` runs after `warmup` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repetitions):
+    fn: Callable[[], Any], device: torch.device, warmup: int, repetitions: int,
+    budget_seconds: float | None = None,
+) -> tuple[float, int]:
+    """Median wall time of `fn()` over up to `repetitions` runs after up to `warmup` untimed
+    ones, and how many runs were timed. Once `budget_seconds` are spent, no further warmup or
+    repetition starts (one timed run always happens), so that very slow implementations do
+    not hold a benchmark up for long."""
+    spent = 0.0
+
+    def timed() -> float:
+        nonlocal spent
         synchronize(device)
         start = time.perf_counter()
         fn()
         synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        elapsed = time.perf_counter() - start
+        spent += elapsed
+        return elapsed
+
+    def within_budget() -> bool:
+        return budget_seconds is None or spent < budget_seconds
+
+    for _ in range(warmup):
+        if not within_budget():
+            break
+        timed()
+    times = [timed()]
+    while len(times) < repetitions and within_budget():
+        times.append(timed())
+    return statistics.median(times), len(times)
 
 
 class Worker:
