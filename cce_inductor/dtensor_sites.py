@@ -66,7 +66,8 @@ def _vocab_layout(values: dict[str, Any], weight_is_transposed: bool) -> dict[st
     _require(values, "weight", (Shard(vocab_dim),), mesh)
     _require(values, "input", (Replicate(),), mesh)
     _require(values, "bias", (Shard(0),), mesh)
-    for name in ("target", "class weights", "loss"):
+    _require(values, "loss", (Replicate(),), mesh)  # a DTensor, as the replacement returns
+    for name in ("target", "class weights"):
         _require(values, name, (Replicate(),), mesh, plain=True)
     vocab = weight.shape[vocab_dim]
     real_mesh = compat.real_device_mesh(mesh)

@@ -9,7 +9,8 @@ the head (`F.linear`, or a matmul with a `[D, V]` matrix). Every op on that path
   computation applies them to the hidden states instead. Shifted logits and shifted labels both
   reduce to this: the labels are used as they are, whatever computed them.
 - a cast to float32 (or a no-op cast);
-- one softcap `tanh(z / s) * s`.
+- one softcap `tanh(z / s) * s`;
+- a DTensor `redistribute` (the same values in another layout; see cce_inductor.dtensor_sites).
 
 Anything else makes the loss node "not a site", with a reason code that the graph pass counts
 and logs. Arguments are read through `torch.fx.operator_schemas.normalize_function`.

@@ -41,7 +41,9 @@ ls = 1 with label smoothing, cw = 1 with class weights, else 0. Example, Gemma 2
 (N = 8192, D = 2304, bf16, V = 256000 in any number of blocks): forward 32 KiB + 64 KiB,
 backward 36 MiB, the same dE all-reduce as any column-parallel linear's backward; gathering the
 logits instead would move N V values. The layout all_gather is read back to the host: a device
-sync under NCCL, and a graph break when torch.compile traces this function.
+sync under NCCL, and a graph break when torch.compile traces this function. `sharded_loss` is
+the loss for a layout known in advance, without that all_gather: the graph pass calls it for
+tensor-parallel heads, whose layout the DTensor spec gives (cce_inductor.dtensor_sites).
 """
 
 from __future__ import annotations

@@ -38,9 +38,9 @@ from cce_inductor.rewrite import rewrite_linear_cross_entropy
 
 WORLD = 2
 VOCAB, HIDDEN = 96, 32
-# fc1 and fc2 hold 2 * HIDDEN * WIDTH * 4 bytes = 1 MiB: above DDP's first bucket (1 MiB), so
-# DDPOptimizer with bucket_cap_mb=1 splits the graph in two.
-WIDTH = 4096
+# The MLP block's width. At 4096, fc1 and fc2 hold 2 * HIDDEN * 4096 * 4 bytes = 1 MiB, DDP's
+# first bucket: DDPOptimizer with bucket_cap_mb=1 then splits the graph in two.
+WIDTH, SPLITTING_WIDTH = 64, 4096
 BATCH, SEQ = 4, 9  # labels are shifted: (SEQ - 1) positions per row
 ROWS = BATCH * (SEQ - 1)  # rows of the loss on a tensor-parallel rank
 STEPS = 3
@@ -65,6 +65,7 @@ class Setup:
     #                        "unembedding": `hidden @ M` with M [D, V] sharded by classes
     far_block: bool = False  # rank 1's classes get logits FAR below, and no targets
     filter_eps: Optional[float] = None  # the backend's cce.filter_eps
+    width: int = WIDTH
 
     @property
     def data_parallel(self) -> bool:
@@ -73,14 +74,14 @@ class Setup:
 
 SETUPS = [
     Setup("ddp_split_graph", "ddp", bias=True, softcap=20.0, label_smoothing=0.1,
-          class_weight=True),
+          class_weight=True, width=SPLITTING_WIDTH),
     Setup("fsdp2", "fsdp2", optimizer="sgd", reduction="sum", bias=True, class_weight=True),
     # V = 97: blocks of 49 and 48 classes. Filtering: see test_filter_judges_the_global_softmax.
     Setup("tp_loss_parallel", "tp", vocab=VOCAB + 1, bias=True, far_block=True,
           filter_eps=1e-6),
     Setup("tp_dtensor_target", "tp", optimizer="sgd", dtensor_target=True, reduction="none",
           label_smoothing=0.1, class_weight=True, bias=True, softcap=20.0),
-    Setup("fsdp2_tp", "fsdp2_tp"),
+    Setup("fsdp2_tp", "fsdp2_tp", reduction="sum"),
 ]
 SETUP_BY_NAME = {setup.name: setup for setup in SETUPS}
 # Not trained: the graph pass's decision, and one step of the graph it leaves, run eagerly.
@@ -99,7 +100,7 @@ class TinyLM(nn.Module):
         super().__init__()
         self.setup = setup
         self.embed = nn.Embedding(setup.vocab, HIDDEN)
-        self.block = Block()
+        self.block = Block(setup.width)
         self.norm = nn.LayerNorm(HIDDEN)
         self.lm_head = nn.Linear(HIDDEN, setup.vocab, bias=setup.bias)
         class_weight = torch.rand(setup.vocab) + 0.5 if setup.class_weight else None
@@ -146,11 +147,11 @@ class UnembeddingLM(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, width: int) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(HIDDEN)
-        self.fc1 = nn.Linear(HIDDEN, WIDTH)
-        self.fc2 = nn.Linear(WIDTH, HIDDEN)
+        self.fc1 = nn.Linear(HIDDEN, width)
+        self.fc2 = nn.Linear(width, HIDDEN)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden + self.fc2(F.gelu(self.fc1(self.norm(hidden))))
