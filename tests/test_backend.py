@@ -21,19 +21,7 @@ from torch import nn
 import reference
 from cce_inductor import compat, filter_stats
 from cce_inductor.backend import cce_backend, make_cce_backend
-from test_rewrite import UPCASTING, VARIANTS, variant_inputs
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    compat.dynamo_counters().clear()
-    yield
-    torch._dynamo.reset()
-
-
-def cce_counters() -> dict[str, int]:
-    return dict(compat.dynamo_counters()["cce"])
+from test_rewrite import UPCASTING, VARIANTS, cce_counters, fresh_dynamo, variant_inputs  # noqa: F401
 
 
 # Every variant in float32, where the tolerance is a few ulps (catching any inexact rewrite), except

@@ -16,8 +16,8 @@ from typing import Callable
 import pytest
 import torch
 
-from cce_inductor import compat
 from cce_inductor.backend import make_cce_backend
+from test_rewrite import cce_counters, fresh_dynamo  # noqa: F401  (autouse fixture)
 
 transformers = pytest.importorskip("transformers")
 
@@ -70,18 +70,6 @@ def step(model: torch.nn.Module, run: Callable, ids, labels, **kwargs) -> dict[s
     result = {"loss": out.loss.detach(), "logits": out.logits.detach()}
     result.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     return result
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    compat.dynamo_counters().clear()
-    yield
-    torch._dynamo.reset()
-
-
-def cce_counters() -> dict[str, int]:
-    return dict(compat.dynamo_counters()["cce"])
 
 
 @pytest.mark.parametrize("name", CONFIGS)
