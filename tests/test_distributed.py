@@ -18,9 +18,9 @@ from typing import Any, Optional
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import cce_inductor
+import ranks
 import reference
 from cce_inductor import compat, filter_stats
 
@@ -251,11 +251,7 @@ def _run_errors(rank: int, group) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory) -> list[dict[str, Any]]:
-    directory = tmp_path_factory.mktemp("vocab_parallel")
-    mp.spawn(
-        _worker, args=(str(directory / "init"), str(directory)), nprocs=WORLD, join=True
-    )
-    return [torch.load(directory / f"rank{rank}.pt") for rank in range(WORLD)]
+    return ranks.spawn_ranks(_worker, tmp_path_factory.mktemp("vocab_parallel"), WORLD)
 
 
 def _assemble(case: Case, per_rank: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -29,10 +29,10 @@ from typing import Any, Optional
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
+import ranks
 import reference
 from cce_inductor import compat, filter_stats
 from cce_inductor.rewrite import rewrite_linear_cross_entropy
@@ -437,11 +437,7 @@ def update_error(params: dict, exact: dict[str, Any]) -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory) -> list[dict[str, Any]]:
-    directory = tmp_path_factory.mktemp("sharded_training")
-    mp.spawn(
-        _worker, args=(str(directory / "init"), str(directory)), nprocs=WORLD, join=True
-    )
-    return [torch.load(directory / f"rank{rank}.pt") for rank in range(WORLD)]
+    return ranks.spawn_ranks(_worker, tmp_path_factory.mktemp("sharded_training"), WORLD)
 
 
 def _results(rank_results, name: str) -> list[dict[str, Any]]:
