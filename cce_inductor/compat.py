@@ -118,13 +118,6 @@ def inductor_ir_module():
     return ir
 
 
-def inductor_graph():
-    """The GraphLowering being lowered (sizevars, current device)."""
-    from torch._inductor.virtualized import V
-
-    return V.graph
-
-
 def inductor_triton_helpers():
     """torch._inductor.runtime.triton_helpers (libdevice, set_driver_to_cpu)."""
     from torch._inductor.runtime import triton_helpers
