@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from cce_inductor import compat, ops  # noqa: F401  (ops registers torch.ops.cce.*)
-from cce_inductor.lowering import eager
+from cce_inductor import dispatch
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -189,7 +189,7 @@ def linear_cross_entropy(
     smoothing = float(label_smoothing)
 
     # Eager calls on a GPU run the op through an internal torch.compile (the Triton templates).
-    lse, target_logit, logit_sum = eager.linear_cross_entropy_fwd(
+    lse, target_logit, logit_sum = dispatch.linear_cross_entropy_fwd(
         flat_input, linear_weight, linear_bias, flat_target, class_weight,
         None if softcap is None else float(softcap), smoothing > 0, eps,
     )

@@ -8,7 +8,7 @@ from typing import Any, Optional
 import torch
 
 from cce_inductor import compat
-from cce_inductor.lowering import interpreter
+from cce_inductor.tools import interpreter
 
 log = logging.getLogger("cce_inductor")
 

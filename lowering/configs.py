@@ -2,7 +2,7 @@
 
 The first config of each list is the default (used without max-autotune); max-autotune
 benchmarks the whole list. Every shipped config is compiled for sm_80 and sm_90a by
-`cce_inductor.lowering.gpu_readiness`, which checks it for register spills and shared memory.
+`cce_inductor.tools.gpu_readiness`, which checks it for register spills and shared memory.
 
 The forward splits the vocabulary when there are too few row blocks to fill the GPU: its
 config's `waves` asks for about waves x (SM count) programs, see `vocab_splits`.

@@ -4,7 +4,7 @@ without register spills, within shared memory, and with wgmma on Hopper for 16-b
 
 Runs the real chain (Inductor renders the kernels under the CPU interpreter, triton.compile with
 its bundled ptxas builds cubins, cuobjdump reads them). The whole shipped config list is checked
-by `python -m cce_inductor.lowering.gpu_readiness --all` (minutes; not in CI).
+by `python -m cce_inductor.tools.gpu_readiness --all` (minutes; not in CI).
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cce_inductor.lowering import configs, gpu_readiness
+from cce_inductor.lowering import configs
+from cce_inductor.tools import gpu_readiness
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The CPU interpreter harness (cce_inductor.lowering.interpreter) and the cache-key pass."""
+"""The CPU interpreter harness (cce_inductor.tools.interpreter) and the cache-key pass."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import shutil
 import torch
 
 from cce_inductor import compat
-from cce_inductor.lowering import cache, interpreter, templates
+from cce_inductor.lowering import cache, templates
+from cce_inductor.tools import interpreter
 
 
 def test_inductor_triton_code_runs_interpreted_on_cpu():

@@ -20,7 +20,8 @@ import torch
 import cce_inductor
 import reference
 from cce_inductor import compat, filter_stats
-from cce_inductor.lowering import configs, filter_counting, interpreter
+from cce_inductor.lowering import configs, filter_counting
+from cce_inductor.tools import interpreter
 
 # N*V = 1680 is neither N*D = 960 nor V*D = 2800; V and D are no multiples of any block size.
 N, D, V = 24, 40, 70

@@ -149,7 +149,7 @@ def test_bench_refuses_large_presets_on_cpu():
 
 
 def test_dump_smoke(tmp_path, capsys, monkeypatch):
-    from cce_inductor.lowering import gpu_readiness
+    from cce_inductor.tools import gpu_readiness
 
     # The ahead-of-time GPU builds are the lowering's tests' business (minutes); here only
     # that the dump writes what they return.

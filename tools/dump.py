@@ -17,11 +17,11 @@ The folder gets:
                                              first (replayed from the code, see wrapper_memory)
     gpu_resources.txt                        registers, spills and shared memory of each
                                              template config for sm_80 and sm_90a, compiled
-                                             ahead of time (cce_inductor.lowering.gpu_readiness)
+                                             ahead of time (cce_inductor.tools.gpu_readiness)
     summary.txt                              the table printed at the end
 
 On CUDA the kernels are the GPU's own. On a CPU, by default, Inductor's Triton backend runs
-under Triton's interpreter (`cce_inductor.lowering.interpreter`), so the kernels and buffers
+under Triton's interpreter (`cce_inductor.tools.interpreter`), so the kernels and buffers
 are those a GPU would get; keep shapes tiny then, as interpreted kernels are slow.
 """
 
@@ -159,7 +159,7 @@ def compile_and_capture(
 def _gpu_resources() -> tuple[str, str]:
     """(file text, one-line status) of the template configs' ahead-of-time resource usage."""
     try:
-        from cce_inductor.lowering import gpu_readiness
+        from cce_inductor.tools import gpu_readiness
 
         rows = gpu_readiness.resource_table(all_configs=True)
     except Exception as error:  # the report says what failed instead of hiding the dump

@@ -8,7 +8,7 @@ torch.compile's default backend and by backend="cce". The generated wrappers are
 at the preset's sizes on the `meta` device (`wrapper_memory`), which lists every buffer the
 compiled code would allocate there and the peak, next to the paper's Table 1. On CUDA the
 wrappers are CUDA's own; on a CPU-only machine, the cce graphs are compiled with Inductor's
-Triton backend under Triton's interpreter (`cce_inductor.lowering.interpreter`), so they hold
+Triton backend under Triton's interpreter (`cce_inductor.tools.interpreter`), so they hold
 the same templates and buffers as on a GPU, while the default backend's graphs come from its
 C++ backend (same buffers for this graph: logits, row statistics, gradients).
 

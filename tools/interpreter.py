@@ -5,7 +5,7 @@ by Inductor, launched by its wrapper, numerically checked. With this harness act
 compiles CPU graphs with its Triton backend and Triton runs every kernel in its numpy
 interpreter:
 
-    from cce_inductor.lowering import interpreter
+    from cce_inductor.tools import interpreter
     with interpreter.interpreted():
         torch.compile(fn)(cpu_tensors)
 
@@ -101,7 +101,7 @@ class _Libdevice(types.SimpleNamespace):
         except AttributeError:
             raise AttributeError(
                 f"libdevice.{name} has no interpreter version; add one to "
-                "cce_inductor.lowering.interpreter_math"
+                "cce_inductor.tools.interpreter_math"
             ) from None
 
 
@@ -113,7 +113,7 @@ def _interpreted_libdevice() -> _Libdevice:
     if _libdevice is None:
         import triton
 
-        from cce_inductor.lowering import interpreter_math
+        from cce_inductor.tools import interpreter_math
 
         _libdevice = _Libdevice({fn.__name__: triton.jit(fn) for fn in interpreter_math.MISSING})
     return _libdevice

@@ -1,6 +1,6 @@
 """Bodies of the libdevice functions that `triton.language.math` lacks, for the Triton interpreter.
 
-These are plain functions on purpose: `cce_inductor.lowering.interpreter` wraps them with
+These are plain functions on purpose: `cce_inductor.tools.interpreter` wraps them with
 `triton.jit` only after TRITON_INTERPRET=1 is set, so they become interpreted functions.
 Each computes in fp64 and rounds back, so fp32/fp16/bf16 results are correctly rounded
 for all practical purposes (the interpreter runs on numpy, where fp64 is cheap).

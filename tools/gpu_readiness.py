@@ -9,7 +9,7 @@ Shared memory is Triton's dynamic allocation (compiled metadata); the cubin's st
 sm_90a kernels are also checked for wgmma (Hopper tensor cores) in the PTX. Pointer arguments
 are compiled as 16-byte aligned, as Inductor marks them for GPU inputs (see compile_for_gpu).
 
-    python -m cce_inductor.lowering.gpu_readiness [--all]
+    python -m cce_inductor.tools.gpu_readiness [--all]
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def render(dtype: torch.dtype, deterministic: bool, **forced: configs.Config) ->
     with the given configs forced; keyed by kernel name in the wrapper."""
     import cce_inductor
     from cce_inductor import compat
-    from cce_inductor.lowering import interpreter
+    from cce_inductor.tools import interpreter
 
     # D spans several BLOCK_D steps, as real hidden sizes do: the D loop is then kept and
     # software-pipelined (a single step would be folded away and compile differently).
@@ -154,7 +154,7 @@ def _compile_jobs(jobs: list[dict]) -> list[dict]:
         path = Path(tmp) / "jobs.json"
         path.write_text(json.dumps(jobs))
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        subprocess.run([sys.executable, "-m", "cce_inductor.lowering.gpu_readiness",
+        subprocess.run([sys.executable, "-m", "cce_inductor.tools.gpu_readiness",
                         "--compile-jobs", str(path)], check=True, env=env)
         return json.loads((Path(tmp) / "results.json").read_text())
 
