@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 from torch.fx import GraphModule
 
 from cce_inductor import compat
-from cce_inductor.api import FilterEps
+from cce_inductor.arguments import FilterEps
 from cce_inductor.rewrite import RewriteOptions, rewrite_linear_cross_entropy
 
 OPTION_PREFIX = "cce."

@@ -9,6 +9,12 @@ from torch import Tensor
 TORCH_VERSION = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
 
 
+def assert_async(condition: Tensor, message: str) -> None:
+    """A graph assert: fails at run time when `condition` (a bool tensor) is false, without a
+    host sync while tracing."""
+    torch._assert_async(condition, message)
+
+
 def is_traced(tensor: Tensor) -> bool:
     """True while Dynamo or AOT autograd traces (fake or functional tensors): data-dependent
     Python control flow is impossible there, so checks must become graph asserts."""

@@ -1,54 +1,47 @@
-"""Eager calls of the explicit API reach the Triton templates.
+"""Call-time dispatch of the cce ops: eager calls reach the Triton templates.
 
-Called outside torch.compile, `cce_inductor.linear_cross_entropy` would run the cce ops' blocked
-eager implementation. On CUDA tensors (and on CPU tensors under the interpreter harness, which is
-how this is tested) it instead runs the forward op through an internal
-`torch.compile(fullgraph=True)`: Inductor lowers it to the CCE templates, and AOT autograd
-compiles its backward (the backward op) to theirs when the gradients are asked for.
+Called outside torch.compile, a cce op would run its blocked eager implementation. On CUDA
+tensors (and on CPU tensors under the interpreter harness, which is how this is tested) `call`
+instead runs the op through an internal `torch.compile(fullgraph=True)`: Inductor lowers it to
+the CCE templates, and for the forward op AOT autograd compiles its backward (the backward op)
+to theirs when the gradients are asked for. Every entry point that runs the ops eagerly (the
+explicit API, the vocabulary-parallel loss) calls them through here.
 
-One compiled function per option set (softcap, logit sum, filter eps: constants of the graph,
-which the lowering needs as Python values) and input signature (dtype, classifier shape, which
-optional tensors are given, whether gradients are wanted), each with its own code object:
-Dynamo keeps graphs and counts recompiles per code object, and with fullgraph=True running out
-of recompiles is an error, so no compiled function should collect many variants. The row
-dimension is marked dynamic: a new N does not recompile (N = 1 is specialized, as Dynamo always
-does), while V and D stay static for the kernels' sake.
+One compiled function per op, option set (the op's non-tensor arguments and which optional
+tensors are absent: constants of the graph, which the lowering needs as Python values) and
+input signature (devices, dtypes, shapes but the rows, whether gradients are wanted), each with
+its own code object: Dynamo keeps graphs and counts recompiles per code object, and with
+fullgraph=True running out of recompiles is an error, so no compiled function should collect
+many variants. The row dimension (`ops.ROW_ARGUMENTS`) is marked dynamic: a new N does not
+recompile (N = 1 is specialized, as Dynamo always does), while V and D stay static for the
+kernels' sake.
 """
 
 from __future__ import annotations
 
 import functools
 import types
-from typing import Callable, Optional
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
-from cce_inductor import compat
-from cce_inductor.lowering import common, filter_counting
-
-StatsFn = Callable[..., tuple[Tensor, Tensor, Tensor]]
+from cce_inductor import compat, filter_stats, ops
+from cce_inductor.lowering import common
 
 
-def linear_cross_entropy_fwd(
-    input: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    target: Tensor,
-    class_weight: Optional[Tensor],
-    softcap: Optional[float],
-    with_logit_sum: bool,
-    filter_eps: Optional[float],
-) -> tuple[Tensor, Tensor, Tensor]:
-    """`torch.ops.cce.linear_cross_entropy_fwd`, through the compiled templates when called
-    eagerly on tensors they serve (see the module docstring)."""
+def call(op: Any, *args: Any) -> Any:
+    """`op(*args)` for a cce op (`torch.ops.cce.<name>`), through the compiled templates when
+    called eagerly on tensors they serve (see the module docstring)."""
+    input = args[0]
     if not routes_to_templates(input):
-        return torch.ops.cce.linear_cross_entropy_fwd(
-            input, weight, bias, target, class_weight, softcap, with_logit_sum, filter_eps
-        )
-    compiled = _compiled(softcap, bool(with_logit_sum), filter_eps,
-                         _signature(input, weight, bias, class_weight), _lowering_switches())
-    return compiled(_rows_dynamic(input), weight, bias, _rows_dynamic(target), class_weight)
+        return op(*args)
+    rows = ops.ROW_ARGUMENTS[op.__name__]
+    tensors = [i for i, arg in enumerate(args) if isinstance(arg, Tensor)]
+    constants = tuple((i, arg) for i, arg in enumerate(args) if not isinstance(arg, Tensor))
+    compiled = _compiled(op.__name__, len(args), constants, _signature(args, tensors, rows),
+                         _lowering_switches())
+    return compiled(*(_rows_dynamic(args[i]) if i in rows else args[i] for i in tensors))
 
 
 def routes_to_templates(input: Tensor) -> bool:
@@ -60,20 +53,20 @@ def routes_to_templates(input: Tensor) -> bool:
     return common.template_unavailable_reason(input.device, input.dtype) is None
 
 
-def _signature(input: Tensor, weight: Tensor, bias: Optional[Tensor],
-               class_weight: Optional[Tensor]) -> tuple:
-    """What Dynamo would guard on besides N: device, dtype, classifier shape, which optional
-    tensors are given, whether gradients are wanted."""
-    wants_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (input, weight, bias))
-    return (input.device, input.dtype, tuple(weight.shape), bias is not None,
-            class_weight is not None, wants_grad)
+def _signature(args: tuple, tensors: list[int], rows: tuple[int, ...]) -> tuple:
+    """What Dynamo would guard on besides N: devices, dtypes, shapes but the rows, whether
+    gradients are wanted."""
+    wants_grad = torch.is_grad_enabled() and any(args[i].requires_grad for i in tensors)
+    return tuple(
+        (i, args[i].device, args[i].dtype, tuple(args[i].shape)[1 if i in rows else 0:])
+        for i in tensors
+    ) + (wants_grad,)
 
 
 def _lowering_switches() -> tuple[bool, bool, bool]:
     """Global settings the lowering reads (so the compiled graph depends on them) that Dynamo's
     guards may not cover: filter-tile counting, TF32 matmuls, deterministic algorithms."""
-    return (filter_counting.enabled(), bool(torch.backends.cuda.matmul.allow_tf32),
+    return (filter_stats.counting_enabled(), bool(torch.backends.cuda.matmul.allow_tf32),
             torch.are_deterministic_algorithms_enabled())
 
 
@@ -86,17 +79,22 @@ def _rows_dynamic(tensor: Tensor) -> Tensor:
 
 
 @functools.cache
-def _compiled(softcap: Optional[float], with_logit_sum: bool, filter_eps: Optional[float],
-              signature: tuple, switches: tuple[bool, bool, bool]) -> StatsFn:
-    """The compiled forward op for one option set; `signature` (the inputs') and `switches`
-    (see _lowering_switches) only key the cache."""
-    def forward(input: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
-                class_weight: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        return torch.ops.cce.linear_cross_entropy_fwd(
-            input, weight, bias, target, class_weight, softcap, with_logit_sum, filter_eps
-        )
+def _compiled(name: str, arity: int, constants: tuple, signature: tuple,
+              switches: tuple[bool, bool, bool]) -> Callable[..., Any]:
+    """The compiled op `name` with its non-tensor arguments (`constants`: (position, value))
+    fixed; it takes the tensor arguments in order. `signature` and `switches` (see
+    _lowering_switches) only key the cache."""
+    op = getattr(torch.ops.cce, name)
+    fixed = dict(constants)
+    tensor_positions = [i for i in range(arity) if i not in fixed]
+
+    def run(*tensors: Tensor) -> Any:
+        args = [fixed.get(i) for i in range(arity)]
+        for position, tensor in zip(tensor_positions, tensors):
+            args[position] = tensor
+        return op(*args)
 
     # Dynamo caches compiled graphs per code object: give this function its own.
-    own = types.FunctionType(forward.__code__.replace(), forward.__globals__, forward.__name__,
-                             forward.__defaults__, forward.__closure__)
+    own = types.FunctionType(run.__code__.replace(), run.__globals__, run.__name__,
+                             run.__defaults__, run.__closure__)
     return torch.compile(own, backend="inductor", fullgraph=True)

@@ -12,7 +12,7 @@ the cross-entropy under `loss_parallel()` (or a DTensor target), reads
 
 `cce_inductor.patterns` reads `redistribute` as a layout change that keeps the values, and
 `fused_loss` tells the rewrite which function replaces the loss: for this layout
-`linear_cross_entropy` below, which runs `vocab_parallel.sharded_loss` on the local blocks with
+`tensor_parallel_loss` below, which runs `vocab_parallel.sharded_loss` on the local blocks with
 the group, this rank's first class and the global V read from the DTensor spec at compile time
 (as Dynamo itself bakes in the mesh coordinates), so it needs no layout collective, and wraps
 the loss back into a Replicate() DTensor, the type the graph returned. The result equals the
@@ -32,13 +32,14 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from cce_inductor import api, compat, patterns, vocab_parallel
+from cce_inductor import api, arguments, compat, patterns, vocab_parallel
+from cce_inductor.arguments import FilterEps
 
 
 def fused_loss(site: patterns.Site) -> tuple[Callable[..., Tensor], dict[str, Any]]:
     """The function that replaces the site's loss and the keyword arguments it takes beyond
-    `api.linear_cross_entropy`'s: that function itself for a site on plain tensors, this
-    module's `linear_cross_entropy` and the vocabulary layout for a tensor-parallel head.
+    `api.linear_cross_entropy`'s: that function itself for a site on plain tensors,
+    `tensor_parallel_loss` and the vocabulary layout for a tensor-parallel head.
     Raises NotASite for a DTensor layout it cannot handle."""
     values = {
         "input": site.input, "weight": site.weight, "bias": site.bias, "target": site.target,
@@ -47,7 +48,7 @@ def fused_loss(site: patterns.Site) -> tuple[Callable[..., Tensor], dict[str, An
     values = {name: patterns.example_value(node) for name, node in values.items()}
     if not any(_is_dtensor(value) for value in values.values()):
         return api.linear_cross_entropy, {}
-    return linear_cross_entropy, _vocab_layout(values, site.weight_is_transposed)
+    return tensor_parallel_loss, _vocab_layout(values, site.weight_is_transposed)
 
 
 def _vocab_layout(values: dict[str, Any], weight_is_transposed: bool) -> dict[str, Any]:
@@ -111,7 +112,7 @@ def _local(tensor: Optional[Tensor]) -> Optional[Tensor]:
     return tensor.to_local() if _is_dtensor(tensor) else tensor
 
 
-def linear_cross_entropy(
+def tensor_parallel_loss(
     input: Tensor,
     linear_weight: Tensor,
     target: Tensor,
@@ -125,7 +126,7 @@ def linear_cross_entropy(
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
     softcap: Optional[float] = None,
-    filter_eps: api.FilterEps = "auto",
+    filter_eps: FilterEps = "auto",
 ) -> Tensor:
     """The loss of a tensor-parallel head, as a Replicate() DTensor: input a replicated DTensor
     `[..., D]`, linear_weight and linear_bias Shard(0) DTensors holding this rank's block
@@ -138,7 +139,7 @@ def linear_cross_entropy(
     local_bias = _local(linear_bias)
     class_weight = _local(weight)[block] if weight is not None else None
     local_input, local_target = input.to_local(), _local(target)
-    api._check_arguments(
+    arguments.check_arguments(
         local_input, local_weight, local_target, local_bias, class_weight, reduction,
         label_smoothing, softcap,
     )
@@ -146,7 +147,7 @@ def linear_cross_entropy(
         local_input, local_weight, local_target, group=group_name, start=start, vocab=vocab,
         linear_bias=local_bias, weight=class_weight, reduction=reduction,
         ignore_index=ignore_index, label_smoothing=label_smoothing, softcap=softcap,
-        filter_eps=api.resolve_filter_eps(filter_eps, local_input.dtype),
+        filter_eps=arguments.resolve_filter_eps(filter_eps, local_input.dtype),
     )
     mesh = compat.real_device_mesh(linear_weight.device_mesh)
     return DTensor.from_local(loss, mesh, (Replicate(),), run_check=False)

@@ -5,13 +5,22 @@
     print(stats.skipped, stats.total, stats.fraction)
 
 Implementations report through `record`; outside `collect()` it costs one attribute lookup.
+The blocked (CPU) backward always reports. The compiled backward reports only when counting
+was on while its graph was lowered (`CCE_COUNT_FILTERED_TILES=1` in the environment, or
+`counting()`): its templates then add, per logit tile, one to a small int64 buffer [skipped,
+total], and the compiled graph calls `cce::record_filter_stats` (cce_inductor.ops), which
+hands the counts to `record`. The switch is part of the FX graph cache key; counting costs two
+atomics per tile and a host sync per backward.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from typing import Iterator, Optional
+
+ENV_VAR = "CCE_COUNT_FILTERED_TILES"
 
 
 @dataclasses.dataclass
@@ -25,6 +34,7 @@ class FilterStats:
 
 
 _active: Optional[FilterStats] = None
+_counting_forced: Optional[bool] = None
 
 
 def record(skipped: int, total: int) -> None:
@@ -42,3 +52,21 @@ def collect() -> Iterator[FilterStats]:
         yield _active
     finally:
         _active = previous
+
+
+def counting_enabled() -> bool:
+    """Whether graphs lowered now build backward kernels that count their filtered tiles."""
+    if _counting_forced is not None:
+        return _counting_forced
+    return os.environ.get(ENV_VAR, "0") not in ("", "0")
+
+
+@contextlib.contextmanager
+def counting(on: bool = True) -> Iterator[None]:
+    """Graphs lowered inside the block count filtered tiles (or not, with on=False)."""
+    global _counting_forced
+    previous, _counting_forced = _counting_forced, on
+    try:
+        yield
+    finally:
+        _counting_forced = previous

@@ -28,7 +28,7 @@ from torch.fx import Node
 from torch.fx.operator_schemas import normalize_function
 
 from cce_inductor import compat
-from cce_inductor.api import REDUCTIONS, SUPPORTED_DTYPES
+from cce_inductor.arguments import REDUCTIONS, SUPPORTED_DTYPES
 
 # Named pieces of a site; a graph pass can be limited to some of them (RewriteOptions.patterns).
 PATTERNS = frozenset({

@@ -41,8 +41,8 @@ import torch
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
-from cce_inductor import api, compat, dtensor_sites, patterns
-from cce_inductor.api import FilterEps
+from cce_inductor import arguments, compat, dtensor_sites, patterns
+from cce_inductor.arguments import FilterEps
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class RewriteOptions:
     drop_logits: bool = False
 
     def __post_init__(self) -> None:
-        api.resolve_filter_eps(self.filter_eps, torch.float32)  # validates
+        arguments.resolve_filter_eps(self.filter_eps, torch.float32)  # validates
         unknown = set(self.patterns) - patterns.PATTERNS
         if unknown:
             raise ValueError(

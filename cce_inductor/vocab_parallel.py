@@ -16,7 +16,7 @@ target outside the block has no logit there: target_logit 0), then the row stati
     target_logit = sum_r target_logit_r      only the block holding t_i contributes
     logit_sum    = sum_r logit_sum_r         (label smoothing)
     w[t_i], W    = sums over ranks of the block's w[t_i] (0 off the block) and of sum_j w_j
-and `api.row_losses` forms the loss with the global V.
+and `losses.row_losses` forms the loss with the global V.
 
 Backward. The loss's gradients with respect to the global statistics are identical on every
 rank (the loss is replicated), so on rank r
@@ -48,13 +48,15 @@ tensor-parallel heads, whose layout the DTensor spec gives (cce_inductor.dtensor
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Optional, Union
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from cce_inductor import api, compat, ops
+from cce_inductor import arguments, compat, dispatch, losses, ops
+from cce_inductor.arguments import FilterEps
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -63,7 +65,7 @@ if TYPE_CHECKING:
 _OK, _START, _SIZE, _ROWS, _HIDDEN = range(5)
 
 
-def linear_cross_entropy(
+def vocab_parallel_loss(
     input: Tensor,
     linear_weight: Tensor,
     target: Tensor,
@@ -76,18 +78,19 @@ def linear_cross_entropy(
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
     softcap: Optional[float] = None,
-    filter_eps: api.FilterEps = "auto",
+    filter_eps: FilterEps = "auto",
     return_lse: bool = False,
 ) -> Union[Tensor, tuple[Tensor, Tensor]]:
-    """`api.linear_cross_entropy` with the classes sharded over `group` (see the module doc).
+    """`linear_cross_entropy` with the classes sharded over `group` (see the module doc); the
+    explicit API calls this for `vocab_parallel_group=group`.
 
     Every rank of the group must call this with the same input, target and options.
     """
     try:
-        api._check_arguments(
+        arguments.check_arguments(
             input, linear_weight, target, linear_bias, weight, reduction, label_smoothing, softcap
         )
-        eps = api.resolve_filter_eps(filter_eps, input.dtype)
+        eps = arguments.resolve_filter_eps(filter_eps, input.dtype)
         if start_index is not None and not (isinstance(start_index, int) and start_index >= 0):
             raise ValueError(f"vocab_start_index must be an int >= 0, got {start_index!r}")
         local_error = None
@@ -122,28 +125,20 @@ def sharded_loss(
     already known to tile [0, vocab) (the arguments checked, filter_eps resolved): no layout
     collective, nothing read back to the host, so it traces into one graph. `group` is a process
     group or its name."""
-    api._check_target_values(target, vocab, ignore_index)
-    leading = input.shape[:-1]
-    flat_input = input.reshape(-1, input.shape[-1])
-    flat_target = target.reshape(-1)
-    class_weight = weight.to(ops.stats_dtype(input.dtype)) if weight is not None else None
-    smoothing = float(label_smoothing)
-
+    arguments.check_target_values(target, vocab, ignore_index)
+    rows = losses.flatten(input, target, weight, softcap, label_smoothing)
     lse, target_logit, logit_sum, class_weight_sums = _ShardedRowStatistics.apply(
-        flat_input, linear_weight, linear_bias, flat_target - start, class_weight,
-        None if softcap is None else float(softcap), smoothing > 0, filter_eps, group,
+        rows.input, linear_weight, linear_bias, rows.target - start, rows.class_weight,
+        rows.softcap, rows.label_smoothing > 0, filter_eps, group,
     )
     sharded_class_weight = (
-        (class_weight_sums[:-1], class_weight_sums[-1]) if class_weight is not None else None
+        (class_weight_sums[:-1], class_weight_sums[-1]) if weight is not None else None
     )
-    loss, denominator = api.row_losses(
-        lse, target_logit, logit_sum, flat_target, None, ignore_index, smoothing, vocab,
-        sharded_class_weight=sharded_class_weight,
+    loss, denominator = losses.row_losses(
+        lse, target_logit, logit_sum, rows.target, None, ignore_index, rows.label_smoothing,
+        vocab, sharded_class_weight=sharded_class_weight,
     )
-    loss = api.reduce_loss(loss, denominator, reduction, leading)
-    if return_lse:
-        return loss, lse.reshape(leading)
-    return loss
+    return losses.reduce_loss(loss, denominator, lse, reduction, rows.leading, return_lse)
 
 
 def _agree_on_layout(
@@ -213,7 +208,7 @@ class _ShardedRowStatistics(torch.autograd.Function):
     def forward(
         ctx,
         input: Tensor,
-        weight: Tensor,
+        classifier: Tensor,
         bias: Optional[Tensor],
         local_target: Tensor,
         class_weight: Optional[Tensor],
@@ -222,12 +217,13 @@ class _ShardedRowStatistics(torch.autograd.Function):
         filter_eps: Optional[float],
         group: Union[ProcessGroup, str],
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        block_lse, target_logit, logit_sum = torch.ops.cce.linear_cross_entropy_fwd(
-            input, weight, bias, local_target, class_weight, softcap, with_logit_sum, filter_eps
+        block_lse, target_logit, logit_sum = dispatch.call(
+            torch.ops.cce.linear_cross_entropy_fwd, input, classifier, bias, local_target,
+            class_weight, softcap, with_logit_sum, filter_eps,
         )
         class_weight_parts = []
         if class_weight is not None:
-            block = weight.shape[0]
+            block = classifier.shape[0]
             in_block = (local_target >= 0) & (local_target < block)
             row_weight = class_weight[local_target.clamp(0, block - 1)]
             class_weight_parts = [torch.where(in_block, row_weight, 0.0), class_weight.sum()[None]]
@@ -242,7 +238,7 @@ class _ShardedRowStatistics(torch.autograd.Function):
             )
         )
         lse = row_max + sum_exp.log()
-        ctx.save_for_backward(input, weight, bias, local_target, class_weight, lse)
+        ctx.save_for_backward(input, classifier, bias, local_target, class_weight, lse)
         ctx.softcap = softcap
         ctx.with_logit_sum = with_logit_sum
         ctx.filter_eps = filter_eps
@@ -252,25 +248,13 @@ class _ShardedRowStatistics(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_lse, grad_target_logit, grad_logit_sum, _):
-        input, weight, bias, local_target, class_weight, lse = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        if needs[4]:
-            raise NotImplementedError(
-                "linear_cross_entropy: the gradient with respect to `weight` (class weights) is "
-                "not implemented"
-            )
-        bias_needs_grad = bias is not None and needs[2]
-        grad_input, grad_weight, grad_bias = torch.ops.cce.linear_cross_entropy_bwd(
-            input, weight, bias, local_target, class_weight, lse, grad_lse, grad_target_logit,
+        grad_input, grad_classifier, grad_bias = ops.statistics_gradients(
+            functools.partial(dispatch.call, torch.ops.cce.linear_cross_entropy_bwd),
+            ctx.saved_tensors, grad_lse, grad_target_logit,
             grad_logit_sum if ctx.with_logit_sum else None, ctx.softcap, ctx.filter_eps,
-            needs[0], needs[1], bias_needs_grad,
+            ctx.needs_input_grad,
         )
-        if needs[0]:
+        if grad_input is not None:
             # input is replicated and every block contributes to its gradient.
             grad_input = compat.all_reduce(grad_input, "sum", ctx.group)
-        return (
-            grad_input if needs[0] else None,
-            grad_weight if needs[1] else None,
-            grad_bias if bias_needs_grad else None,
-            None, None, None, None, None, None,
-        )
+        return grad_input, grad_classifier, grad_bias, None, None, None, None, None, None

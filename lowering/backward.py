@@ -13,8 +13,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from cce_inductor import compat
-from cce_inductor.lowering import common, configs, filter_counting
+from cce_inductor import compat, filter_stats
+from cce_inductor.lowering import common, configs
 from cce_inductor.lowering.forward import input_gen_fns as forward_input_gen_fns
 
 
@@ -56,7 +56,7 @@ def lower_backward(
         return (common.empty([0], dtype, device), common.empty([0], weight.get_dtype(), device),
                 common.empty([0], bias_dtype, device))
 
-    counting = filter_counting.enabled()
+    counting = filter_stats.counting_enabled()
     counts = (common.zeros([2], torch.int64, device) if counting
               else common.placeholder(device, torch.int64))
     # The smoothing term grad_logit_sum * class_weight is dense: no tile is negligible then.
@@ -99,7 +99,7 @@ def lower_backward(
                                device)
     else:
         grads = _atomic(launch, needs, n, d, v, dtype, weight.get_dtype(), bias_dtype, device)
-    if counting:  # a host-side call after the kernels: see filter_counting
+    if counting:  # a host-side call after the kernels: see filter_stats
         lowering = compat.inductor_lowering_module()
         lowering.fallback_handler(torch.ops.cce.record_filter_stats.default,
                                   add_to_fallback_set=False)(counts)

@@ -13,7 +13,7 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from cce_inductor import compat
+from cce_inductor import compat, filter_stats
 
 LOWERING_DIR = Path(__file__).resolve().parent
 
@@ -27,14 +27,12 @@ def source_files() -> list[Path]:
 
 def source_hash(files: list[Path] | None = None) -> str:
     """sha256 over the names and contents of `files` (default: source_files())."""
-    from cce_inductor.lowering import filter_counting
-
     hasher = hashlib.sha256()
     for path in files if files is not None else source_files():
         hasher.update(path.name.encode())
         hasher.update(path.read_bytes())
     # The filter-counting debug switch changes the backward kernel without changing a file.
-    hasher.update(b"count_filtered_tiles=%d" % filter_counting.enabled())
+    hasher.update(b"count_filtered_tiles=%d" % filter_stats.counting_enabled())
     return hasher.hexdigest()
 
 

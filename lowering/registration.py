@@ -17,7 +17,6 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from cce_inductor import compat
-from cce_inductor.lowering import filter_counting  # noqa: F401  (defines cce::record_filter_stats)
 
 log = logging.getLogger("cce_inductor")
 INDUCTOR_LOWERING = "torch._inductor.lowering"

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import cce_inductor
 import reference
-from cce_inductor import api, blocked, filter_stats
+from cce_inductor import arguments, blocked, filter_stats
 from reference import single_threaded  # noqa: F401  (autouse fixture)
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -361,8 +361,8 @@ def test_filter_off_skips_nothing(filter_blocks):
 
 
 def test_filter_auto_is_off_for_float32(filter_blocks):
-    assert api.resolve_filter_eps("auto", torch.float32) is None
-    assert api.resolve_filter_eps("auto", torch.bfloat16) == 2.0**-12
+    assert arguments.resolve_filter_eps("auto", torch.float32) is None
+    assert arguments.resolve_filter_eps("auto", torch.bfloat16) == 2.0**-12
     inputs = _peaked_inputs(torch.float32)
     with filter_stats.collect() as stats:
         reference.loss_and_grads(cce_inductor.linear_cross_entropy, inputs, torch.float32)

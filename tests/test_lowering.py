@@ -20,7 +20,7 @@ import torch
 import cce_inductor
 import reference
 from cce_inductor import compat, filter_stats
-from cce_inductor.lowering import configs, filter_counting
+from cce_inductor.lowering import configs
 from cce_inductor.tools import interpreter
 
 # N*V = 1680 is neither N*D = 960 nor V*D = 2800; V and D are no multiples of any block size.
@@ -215,6 +215,28 @@ def test_eager_call_runs_the_templates():
     assert_fused(codes)
 
 
+def test_vocab_parallel_eager_call_runs_the_templates(tmp_path):
+    """The vocabulary-parallel loss, called eagerly, reaches the templates as the plain API does
+    (CUDA; here CPU tensors under the interpreter harness): its forward op and its backward op
+    (run with the global lse) both go through the internal torch.compile. One rank holding the
+    whole vocabulary, so the collectives are identities and the result is the reference's."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0,
+                            world_size=1)
+    try:
+        loss = functools.partial(cce_inductor.linear_cross_entropy,
+                                 vocab_parallel_group=dist.group.WORLD)
+        inputs = reference.make_inputs(N, V, D, torch.bfloat16, bias=True, seed=2)
+        with interpreter.interpreted():
+            _, codes = compat.run_and_get_code(reference.check_against_reference, loss, inputs,
+                                               torch.bfloat16, softcap=5.0)
+    finally:
+        dist.destroy_process_group()
+    assert len(codes) == 2, len(codes)  # the forward op's graph and the backward op's
+    assert_fused(codes)
+
+
 def test_deterministic_backward_is_reproducible():
     """use_deterministic_algorithms selects the atomics-free template: same bits every run."""
     inputs = reference.make_inputs(N, V, D, torch.bfloat16, bias=True)
@@ -272,7 +294,7 @@ def peaked_inputs(dtype):
 @pytest.mark.parametrize("filter_eps", ["auto", None])
 def test_filtering_skips_negligible_tiles(filter_eps):
     inputs, v = peaked_inputs(torch.bfloat16)
-    with interpreter.interpreted(), filter_counting.counting(), filter_stats.collect() as stats:
+    with interpreter.interpreted(), filter_stats.counting(), filter_stats.collect() as stats:
         _, codes = compat.run_and_get_code(
             reference.check_against_reference,
             functools.partial(compiled_api(), filter_eps=filter_eps), inputs, torch.bfloat16,

@@ -250,11 +250,9 @@ def _filter_tiles(
     """[skipped, total] backward filter tiles of one loss+grad run. Compiled kernels count
     only when lowered with counting on (it costs atomics and a sync), so this run compiles
     afresh, after the timed ones."""
-    from cce_inductor.lowering import filter_counting
-
     hidden, classifier, target = _device_inputs(inputs, device, with_grad=True)
     torch.compiler.reset()
-    with filter_counting.counting(), impl.config(), filter_stats.collect() as stats:
+    with filter_stats.counting(), impl.config(), filter_stats.collect() as stats:
         impl.build(device)(hidden, classifier, target).backward()
     return [stats.skipped, stats.total]
 

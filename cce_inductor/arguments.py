@@ -1,0 +1,117 @@
+"""Checking the arguments of the fused loss and resolving `filter_eps`.
+
+Shared by every entry point (the explicit API, the vocabulary-parallel and tensor-parallel
+losses, the graph pass and its options), so that a bad argument gets the same error, naming
+the argument, whichever way it came in. The names are those of the public API: `linear_weight`
+is the classifier, `weight` the class weights.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from cce_inductor import compat
+
+REDUCTIONS = ("mean", "sum", "none")
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+FilterEps = Union[float, str, None]
+
+
+def resolve_filter_eps(filter_eps: FilterEps, dtype: torch.dtype) -> Optional[float]:
+    """'auto' is finfo(dtype).eps / 32 for 16-bit inputs (2**-12 for bf16) and off otherwise."""
+    if filter_eps == "auto":
+        return torch.finfo(dtype).eps / 32 if dtype in (torch.float16, torch.bfloat16) else None
+    if filter_eps is None:
+        return None
+    if isinstance(filter_eps, str) or not float(filter_eps) >= 0:
+        raise ValueError(f"filter_eps must be 'auto', None or a float >= 0, got {filter_eps!r}")
+    return float(filter_eps) or None
+
+
+def check_arguments(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    linear_bias: Optional[Tensor],
+    weight: Optional[Tensor],
+    reduction: str,
+    label_smoothing: float,
+    softcap: Optional[float],
+) -> None:
+    """Every check that needs no data: shapes, dtypes, devices and option values."""
+    if input.dim() < 1:
+        raise ValueError("input must have at least one dimension [..., D], got a scalar")
+    if linear_weight.dim() != 2:
+        raise ValueError(
+            f"linear_weight must be 2-D [V, D], got shape {tuple(linear_weight.shape)}"
+        )
+    vocab, hidden = linear_weight.shape
+    if vocab == 0:
+        raise ValueError("linear_weight must have at least one row (vocabulary size V >= 1)")
+    if input.shape[-1] != hidden:
+        raise ValueError(
+            f"input's last dimension ({input.shape[-1]}) must equal linear_weight's second "
+            f"dimension D ({hidden}); input {tuple(input.shape)}, linear_weight {(vocab, hidden)}"
+        )
+    if tuple(target.shape) != tuple(input.shape[:-1]):
+        raise ValueError(
+            f"target must have shape {tuple(input.shape[:-1])} (input's leading dimensions), "
+            f"got {tuple(target.shape)}"
+        )
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        raise TypeError(
+            f"target must hold class indices (an integer tensor), got dtype {target.dtype}; "
+            "probability targets are not supported"
+        )
+    if input.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"input dtype {input.dtype} is not supported; use one of {SUPPORTED_DTYPES}"
+        )
+    if linear_weight.dtype != input.dtype:
+        raise TypeError(
+            f"linear_weight dtype ({linear_weight.dtype}) must match input dtype ({input.dtype})"
+        )
+    for name, tensor in (("linear_bias", linear_bias), ("weight", weight)):
+        if tensor is None:
+            continue
+        if tuple(tensor.shape) != (vocab,):
+            raise ValueError(f"{name} must have shape ({vocab},), got {tuple(tensor.shape)}")
+        if not tensor.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
+    if linear_bias is not None and linear_bias.dtype != input.dtype:
+        raise TypeError(
+            f"linear_bias dtype ({linear_bias.dtype}) must match input dtype ({input.dtype})"
+        )
+    for name, tensor in (
+        ("linear_weight", linear_weight), ("target", target),
+        ("linear_bias", linear_bias), ("weight", weight),
+    ):
+        if tensor is not None and tensor.device != input.device:
+            raise ValueError(
+                f"{name} is on {tensor.device} but input is on {input.device}; "
+                "all tensors must be on one device"
+            )
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be None or > 0, got {softcap}")
+
+
+def check_target_values(target: Tensor, vocab: int, ignore_index: int) -> None:
+    """Targets must lie in [0, V) or equal ignore_index: a bad one raises, never a wrong loss."""
+    bad = ((target < 0) | (target >= vocab)) & (target != ignore_index)
+    if compat.is_traced(target):
+        # No f-string of vocab here: formatting a symbolic V would specialize it.
+        compat.assert_async(~bad.any(), "target values must be in [0, V) or equal ignore_index")
+    elif bad.any():
+        example = int(target[bad].flatten()[0])
+        raise IndexError(
+            f"target values must be in [0, {vocab}) or equal ignore_index ({ignore_index}); "
+            f"got {example}"
+        )

@@ -1,0 +1,104 @@
+"""The `[N]`-sized algebra around the fused ops: from per-row statistics to the loss.
+
+The ops compute per-row statistics of the logits (lse, target logit, logit sum); ignore_index,
+class weights, label smoothing and the reductions are cheap torch arithmetic on those, written
+once here for the explicit API and the vocabulary-parallel losses, so autograd, Inductor and
+the graph pass all see the same small graph.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from cce_inductor import ops
+
+
+@dataclasses.dataclass(frozen=True)
+class FlatProblem:
+    """The loss's inputs as the ops take them: rows `[N, D]` and `[N]`, class weights in the
+    statistics' dtype, the options as plain Python values."""
+
+    leading: torch.Size  # the input's leading dimensions, which 'none' and lse keep
+    input: Tensor
+    target: Tensor
+    class_weight: Optional[Tensor]
+    softcap: Optional[float]
+    label_smoothing: float
+
+
+def flatten(
+    input: Tensor,
+    target: Tensor,
+    class_weight: Optional[Tensor],
+    softcap: Optional[float],
+    label_smoothing: float,
+) -> FlatProblem:
+    return FlatProblem(
+        leading=input.shape[:-1],
+        input=input.reshape(-1, input.shape[-1]),
+        target=target.reshape(-1),
+        class_weight=class_weight.to(ops.stats_dtype(input.dtype))
+        if class_weight is not None else None,
+        softcap=None if softcap is None else float(softcap),
+        label_smoothing=float(label_smoothing),
+    )
+
+
+def row_losses(
+    lse: Tensor,
+    target_logit: Tensor,
+    logit_sum: Tensor,
+    target: Tensor,
+    class_weight: Optional[Tensor],
+    ignore_index: int,
+    label_smoothing: float,
+    vocab: int,
+    sharded_class_weight: Optional[tuple[Tensor, Tensor]] = None,
+) -> tuple[Tensor, Tensor]:
+    """Per-row loss from the row statistics, and the 'mean' denominator, as F.cross_entropy.
+
+    loss_i = (1 - eps) * w[t_i] * (lse_i - z_i,t_i) + eps / V * (W * lse_i - sum_j w_j z_ij),
+    with W = sum_j w_j, and 0 where t_i == ignore_index. The mean divides by sum_i w[t_i]
+    over non-ignored rows. sharded_class_weight, given instead of class_weight when no rank holds
+    all class weights (cce_inductor.vocab_parallel), is the pair (w[t_i] per row, W).
+    """
+    valid = target != ignore_index
+    if sharded_class_weight is not None:
+        row_weight, total_weight = sharded_class_weight
+        target_weight = row_weight * valid
+    elif class_weight is not None:
+        target_weight = class_weight[target.clamp(0, vocab - 1)] * valid
+        total_weight = class_weight.sum()
+    else:
+        target_weight = valid.to(lse.dtype)
+        total_weight = vocab
+    loss = (1.0 - label_smoothing) * target_weight * (lse - target_logit)
+    if label_smoothing > 0:
+        smooth = total_weight * lse - logit_sum
+        loss = loss + (label_smoothing / vocab) * torch.where(valid, smooth, 0.0)
+    # where, not the zero weight alone: with every row ignored the 'mean' is 0/0 and its
+    # gradient inf, which a multiplication by 0 turns into nan; F.cross_entropy gives zeros.
+    return torch.where(valid, loss, 0.0), target_weight.sum()
+
+
+def reduce_loss(
+    loss: Tensor,
+    denominator: Tensor,
+    lse: Tensor,
+    reduction: str,
+    leading: torch.Size,
+    return_lse: bool,
+) -> Union[Tensor, tuple[Tensor, Tensor]]:
+    """The reduced loss from the per-row losses, and with `return_lse` the pair (loss, lse),
+    both shaped by the input's leading dimensions."""
+    if reduction == "none":
+        loss = loss.reshape(leading)
+    elif reduction == "sum":
+        loss = loss.sum()
+    else:
+        loss = loss.sum() / denominator
+    return (loss, lse.reshape(leading)) if return_lse else loss
