@@ -3,6 +3,9 @@ a private torch API, lives here so the rest of the project reads as plain torch.
 
 from __future__ import annotations
 
+import contextlib
+from typing import Any, Callable, Iterator
+
 import torch
 from torch import Tensor
 
@@ -25,7 +28,13 @@ def is_traced(tensor: Tensor) -> bool:
     return is_fake(tensor) or torch._is_functional_tensor(tensor)
 
 
-# --- Command-line tools (cce_inductor.tools): allocator events, Inductor config ---------------
+# --- Command-line tools (cce_inductor.tools): allocator events, storages, Inductor config -----
+
+
+def storage_key(tensor: Tensor) -> int:
+    """An id of the tensor's storage, the same for every view of it (also on the meta device,
+    where data pointers are all 0)."""
+    return tensor.untyped_storage()._cdata
 
 
 def allocation_events(profiler) -> list[tuple[int, int]]:
@@ -111,30 +120,83 @@ def shard_block(size: int, num_chunks: int, rank: int) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------
 
 
-def inductor_lowering_module():
-    """torch._inductor.lowering (register_lowering, fallback_handler, empty_strided, full, ...)."""
-    import torch._inductor.lowering as lowering
-
-    return lowering
+# The module whose import makes Inductor able to lower graphs (cce_inductor.lowering.registration
+# registers the CCE lowerings right after it loads).
+INDUCTOR_LOWERING_MODULE = "torch._inductor.lowering"
 
 
-def inductor_ir_module():
-    import torch._inductor.ir as ir
-
-    return ir
-
-
-def inductor_triton_helpers():
-    """torch._inductor.runtime.triton_helpers (libdevice, set_driver_to_cpu)."""
+@contextlib.contextmanager
+def inductor_triton_on_cpu(libdevice, interpreted: Callable[[Any], Any]) -> Iterator[None]:
+    """Inductor's side of the Triton-interpreter harness (cce_inductor.tools.interpreter), for
+    the block: CPU graphs compile with the Triton backend, in this process (compile-pool workers
+    would build kernels without the interpreter), with no epilogue-fusion benchmarking; in
+    Inductor's runtime triton_helpers, set_driver_to_cpu is a no-op (no triton-cpu backend
+    here), libdevice is `libdevice`, and each triton.jit function `fn` is `interpreted(fn)`.
+    Everything is restored on exit."""
+    import torch._inductor.config as inductor_config
     from torch._inductor.runtime import triton_helpers
+    from triton.runtime.jit import JITFunction
 
-    return triton_helpers
+    replaced = {name: value for name, value in vars(triton_helpers).items()
+                if isinstance(value, JITFunction)}
+    replaced.update(set_driver_to_cpu=triton_helpers.set_driver_to_cpu,
+                    libdevice=triton_helpers.libdevice)
+    for name, value in replaced.items():
+        if isinstance(value, JITFunction):
+            setattr(triton_helpers, name, interpreted(value))
+    triton_helpers.set_driver_to_cpu = lambda: None
+    triton_helpers.libdevice = libdevice
+    try:
+        with inductor_config.patch(cpu_backend="triton", benchmark_epilogue_fusion=False,
+                                   compile_threads=1):
+            yield
+    finally:
+        for name, value in replaced.items():
+            setattr(triton_helpers, name, value)
 
 
 def register_inductor_lowering(op, lowering_fn) -> None:
     """Make `lowering_fn` Inductor's lowering of `op` (an OpOverload); re-registering replaces."""
-    lowering = inductor_lowering_module()
-    lowering.register_lowering(op, type_promotion_kind=None)(lowering_fn)
+    from torch._inductor.lowering import register_lowering
+
+    register_lowering(op, type_promotion_kind=None)(lowering_fn)
+
+
+def lower_as_fallback(op, *args):
+    """Lower a call of `op` as a call of its eager implementation (an extern kernel)."""
+    from torch._inductor.lowering import fallback_handler
+
+    return fallback_handler(op, add_to_fallback_set=False)(*args)
+
+
+def empty_buffer(size, dtype, device):
+    """An uninitialized Inductor buffer with contiguous strides."""
+    from torch._inductor.lowering import empty_strided
+
+    return empty_strided(size, None, dtype=dtype, device=device)
+
+
+def zeros_buffer(size, dtype, device):
+    """A realized zero-filled Inductor buffer (an accumulator that kernels add into)."""
+    from torch._inductor.lowering import full
+
+    node = full(size, 0, dtype=dtype, device=device)
+    node.realize()
+    return node
+
+
+def cast_buffer(node, dtype):
+    """`node` converted to `dtype` (an Inductor pointwise node)."""
+    from torch._inductor.lowering import to_dtype
+
+    return to_dtype(node, dtype)
+
+
+def fixed_layout(device, dtype, size):
+    """A contiguous FixedLayout, the layout of a template's own output."""
+    from torch._inductor.ir import FixedLayout, FlexibleLayout
+
+    return FixedLayout(device, dtype, size, FlexibleLayout.contiguous_strides(size))
 
 
 def triton_template(name: str, grid, source: str):
@@ -215,6 +277,11 @@ def sympy_size_functions():
 def maybe_mark_dynamic(tensor, dim: int) -> None:
     """Ask Dynamo to trace `dim` of `tensor` as dynamic (without error if it specializes)."""
     torch._dynamo.maybe_mark_dynamic(tensor, dim)
+
+
+def mark_dynamic(tensor, dim: int) -> None:
+    """Make Dynamo trace `dim` of `tensor` as dynamic (an error if it gets specialized)."""
+    torch._dynamo.mark_dynamic(tensor, dim)
 
 
 def functorch_transforms_active() -> bool:

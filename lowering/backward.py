@@ -1,9 +1,11 @@
-"""Lowering of cce::linear_cross_entropy_bwd to the backward Triton templates.
+"""The backward kernel family: cce::linear_cross_entropy_bwd lowered to Triton templates.
 
 Default: `cce_backward`, one program per logit tile, accumulating fp32 gradients with atomics
 (then cast to the inputs' dtypes). Under torch.use_deterministic_algorithms(True):
 `cce_backward_owned`, launched once for dE and once for dC/dbias, each program owning its
 output tile (no atomics, bitwise reproducible, more logit recomputation).
+
+This module holds both kernels' grids, config tables and the lowering.
 """
 
 from __future__ import annotations
@@ -14,13 +16,77 @@ from typing import Any, Callable, Optional
 import torch
 
 from cce_inductor import compat, filter_stats
-from cce_inductor.lowering import common, configs
-from cce_inductor.lowering.forward import input_gen_fns as forward_input_gen_fns
+from cce_inductor.lowering import common, configs, forward
+from cce_inductor.lowering.configs import FLOAT32, SIXTEEN_BIT, ConfigTable, Row, TileConfig
+
+
+def _backward_grid(n, v, d, meta, *, cdiv):
+    return (cdiv(n, meta["BLOCK_N"]) * cdiv(v, meta["BLOCK_V"]), 1, 1)
+
+
+def _owned_grid(n, v, d, meta, *, cdiv):
+    owned = cdiv(n, meta["BLOCK_N"]) if meta["OWNS_ROWS"] else cdiv(v, meta["BLOCK_V"])
+    return (owned, cdiv(d, meta["BLOCK_DO"]), 1)
+
+
+def _tile(block_n: int, block_v: int, block_d: int, num_warps: int, block_do: int = 0,
+          num_stages: int = 3) -> TileConfig:
+    """A backward tile, 3 pipeline stages by default."""
+    return TileConfig(block_n=block_n, block_v=block_v, block_d=block_d, num_warps=num_warps,
+                      num_stages=num_stages, block_do=block_do)
+
+
+BACKWARD = common.Kernel(
+    name="backward",
+    sources=("cce_macros", "cce_backward", "cce_common"),
+    grid=_backward_grid,
+    table=ConfigTable(
+        Row(widths=(SIXTEEN_BIT,), archs=(80,), configs=(
+            _tile(block_n=64, block_v=128, block_d=64, num_warps=8),
+            _tile(block_n=128, block_v=128, block_d=32, num_warps=8),
+            _tile(block_n=64, block_v=64, block_d=64, num_warps=4),
+            _tile(block_n=128, block_v=64, block_d=64, num_warps=8),
+        )),
+        Row(widths=(SIXTEEN_BIT,), archs=(90,), configs=(
+            _tile(block_n=128, block_v=128, block_d=64, num_warps=8),
+            _tile(block_n=64, block_v=128, block_d=64, num_warps=8),
+            _tile(block_n=128, block_v=64, block_d=64, num_warps=8),
+        )),
+        Row(widths=(FLOAT32,), archs=(80,), configs=(
+            _tile(block_n=32, block_v=64, block_d=32, num_warps=4),
+            _tile(block_n=32, block_v=32, block_d=32, num_warps=4),
+        )),
+        # 8 warps: with 4, the 32x64x32 tile spills 8 bytes on sm_90a.
+        Row(widths=(FLOAT32,), archs=(90,), configs=(
+            _tile(block_n=32, block_v=64, block_d=32, num_warps=8),
+            _tile(block_n=32, block_v=32, block_d=32, num_warps=4),
+        )),
+    ),
+)
+BACKWARD_OWNED = common.Kernel(
+    name="backward_owned",
+    sources=("cce_macros", "cce_backward_owned", "cce_common"),
+    grid=_owned_grid,
+    table=ConfigTable(
+        Row(widths=(SIXTEEN_BIT,), archs=(80,), configs=(
+            _tile(block_n=64, block_v=64, block_d=64, num_warps=4, block_do=128),
+            _tile(block_n=64, block_v=128, block_d=64, num_warps=8, block_do=128),
+        )),
+        Row(widths=(SIXTEEN_BIT,), archs=(90,), configs=(
+            _tile(block_n=64, block_v=64, block_d=64, num_warps=4, block_do=128),
+            _tile(block_n=128, block_v=64, block_d=64, num_warps=8, block_do=128),
+        )),
+        Row(widths=(FLOAT32,), configs=(
+            _tile(block_n=32, block_v=64, block_d=32, num_warps=4, block_do=32),
+        )),
+    ),
+)
+KERNELS = (BACKWARD, BACKWARD_OWNED)
 
 
 def lower_backward(
     input: Any,
-    weight: Any,
+    classifier: Any,
     bias: Optional[Any],
     target: Any,
     class_weight: Optional[Any],
@@ -31,12 +97,12 @@ def lower_backward(
     softcap: Optional[float],
     filter_eps: Optional[float],
     input_needs_grad: bool,
-    weight_needs_grad: bool,
+    classifier_needs_grad: bool,
     bias_needs_grad: bool,
 ) -> tuple[Any, Any, Any]:
     op = torch.ops.cce.linear_cross_entropy_bwd.default
-    args = (input, weight, bias, target, class_weight, lse, grad_lse, grad_target_logit,
-            grad_logit_sum, softcap, filter_eps, input_needs_grad, weight_needs_grad,
+    args = (input, classifier, bias, target, class_weight, lse, grad_lse, grad_target_logit,
+            grad_logit_sum, softcap, filter_eps, input_needs_grad, classifier_needs_grad,
             bias_needs_grad)
     device, dtype = input.get_device(), input.get_dtype()
     reason = common.template_unavailable_reason(device, dtype)
@@ -44,17 +110,17 @@ def lower_backward(
         return common.fallback(op, reason, *args)
 
     bias_needs_grad = bool(bias_needs_grad and bias is not None)
-    bias_dtype = bias.get_dtype() if bias is not None else weight.get_dtype()
-    input, weight, target, lse, grad_lse, grad_target_logit = (
-        common.realize(x) for x in (input, weight, target, lse, grad_lse, grad_target_logit)
+    bias_dtype = bias.get_dtype() if bias is not None else classifier.get_dtype()
+    input, classifier, target, lse, grad_lse, grad_target_logit = (
+        common.realize(x) for x in (input, classifier, target, lse, grad_lse, grad_target_logit)
     )
     n, d = input.get_size()
-    v = weight.get_size()[0]
-    needs = {"NEED_DE": bool(input_needs_grad), "NEED_DC": bool(weight_needs_grad),
+    v = classifier.get_size()[0]
+    needs = {"NEED_DE": bool(input_needs_grad), "NEED_DC": bool(classifier_needs_grad),
              "NEED_DBIAS": bias_needs_grad}
+    dtypes = {"NEED_DE": dtype, "NEED_DC": classifier.get_dtype(), "NEED_DBIAS": bias_dtype}
     if not any(needs.values()):
-        return (common.empty([0], dtype, device), common.empty([0], weight.get_dtype(), device),
-                common.empty([0], bias_dtype, device))
+        return tuple(common.empty([0], dtypes[key], device) for key in needs)
 
     counting = filter_stats.counting_enabled()
     counts = (common.zeros([2], torch.int64, device) if counting
@@ -62,7 +128,7 @@ def lower_backward(
     # The smoothing term grad_logit_sum * class_weight is dense: no tile is negligible then.
     filtering = filter_eps is not None and filter_eps > 0 and grad_logit_sum is None
     inputs = [
-        input, weight,
+        input, classifier,
         common.realize(bias) if bias is not None else common.placeholder(device, dtype),
         target,
         common.realize(class_weight) if class_weight is not None
@@ -76,76 +142,69 @@ def lower_backward(
         HAS_GRAD_LOGIT_SUM=grad_logit_sum is not None, HAS_SOFTCAP=softcap is not None,
         SOFTCAP=float(softcap) if softcap is not None else 0.0,
         FILTER_EPS=float(filter_eps) if filtering else 0.0,
-        **common.dot_options(dtype),
+        **common.dot_options(device, dtype),
     )
     gen_fns = _input_gen_fns(compat.size_hints_of([v])[0])
     arch = configs.arch_of(device)
     all_configs = compat.max_autotune_enabled()
-    marker = common.fixed_layout(device, torch.float32, [1])
+    marker = common.marker_layout(device)
 
-    def launch(kernel: str, outputs: list[Any], mutated: list[Any], count: bool = True,
+    def launch(kernel: common.Kernel, outputs: list[Any], mutated: list[Any], count: bool = True,
                **extra: Any) -> None:
         """One template launch; `count`: this launch counts the filter tiles (once per tile)."""
         count = count and counting
-        cfgs = configs.tile_configs(kernel, dtype, arch, all_configs)
         common.choose(
-            f"cce_{kernel}", f"cce_{kernel}", cfgs, inputs + outputs + [counts], marker,
+            kernel, kernel.configs_for(dtype, arch, all_configs), inputs + outputs + [counts], marker,
             mutated=mutated + ([counts] if count else []), call_sizes=[n, v, d],
             input_gen_fns=gen_fns, COUNT_TILES=count, **constexprs, **extra,
         )
 
     if torch.are_deterministic_algorithms_enabled():
-        grads = _deterministic(launch, needs, n, d, v, dtype, weight.get_dtype(), bias_dtype,
-                               device)
+        grads = _deterministic(launch, needs, dtypes, n, d, v, device)
     else:
-        grads = _atomic(launch, needs, n, d, v, dtype, weight.get_dtype(), bias_dtype, device)
+        grads = _atomic(launch, needs, dtypes, n, d, v, device)
     if counting:  # a host-side call after the kernels: see filter_stats
-        lowering = compat.inductor_lowering_module()
-        lowering.fallback_handler(torch.ops.cce.record_filter_stats.default,
-                                  add_to_fallback_set=False)(counts)
+        compat.lower_as_fallback(torch.ops.cce.record_filter_stats.default, counts)
     return grads
 
 
-def _atomic(launch: Callable[..., None], needs: dict[str, bool], n: Any, d: Any, v: Any,
-            dtype: torch.dtype, weight_dtype: torch.dtype, bias_dtype: torch.dtype,
-            device: torch.device) -> tuple[Any, Any, Any]:
+def _atomic(launch: Callable[..., None], needs: dict[str, bool], dtypes: dict[str, torch.dtype],
+            n: Any, d: Any, v: Any, device: torch.device) -> tuple[Any, Any, Any]:
     shapes = {"NEED_DE": [n, d], "NEED_DC": [v, d], "NEED_DBIAS": [v]}
     accumulators = {
         key: common.zeros(shapes[key], torch.float32, device) if needed
         else common.placeholder(device, torch.float32)
         for key, needed in needs.items()
     }
-    launch(configs.BACKWARD, list(accumulators.values()),
+    launch(BACKWARD, list(accumulators.values()),
            [acc for key, acc in accumulators.items() if needs[key]], **needs)
-    to_dtype = compat.inductor_lowering_module().to_dtype
-    out_dtypes = {"NEED_DE": dtype, "NEED_DC": weight_dtype, "NEED_DBIAS": bias_dtype}
     return tuple(
-        to_dtype(accumulators[key], out_dtypes[key]) if needs[key]
-        else common.empty([0], out_dtypes[key], device)
-        for key in ("NEED_DE", "NEED_DC", "NEED_DBIAS")
+        compat.cast_buffer(accumulators[key], dtypes[key]) if needs[key]
+        else common.empty([0], dtypes[key], device)
+        for key in needs
     )
 
 
-def _deterministic(launch: Callable[..., None], needs: dict[str, bool], n: Any, d: Any, v: Any,
-                   dtype: torch.dtype, weight_dtype: torch.dtype, bias_dtype: torch.dtype,
+def _deterministic(launch: Callable[..., None], needs: dict[str, bool],
+                   dtypes: dict[str, torch.dtype], n: Any, d: Any, v: Any,
                    device: torch.device) -> tuple[Any, Any, Any]:
-    grad_input = common.empty([n, d] if needs["NEED_DE"] else [0], dtype, device)
-    grad_weight = common.empty([v, d] if needs["NEED_DC"] else [0], weight_dtype, device)
-    grad_bias = common.empty([v] if needs["NEED_DBIAS"] else [0], bias_dtype, device)
-    outputs = [grad_input, grad_weight, grad_bias]
+    shapes = {"NEED_DE": [n, d], "NEED_DC": [v, d], "NEED_DBIAS": [v]}
+    grads = {key: common.empty(shapes[key] if needs[key] else [0], dtypes[key], device)
+             for key in needs}
+    outputs = list(grads.values())
     if needs["NEED_DE"]:
-        launch(configs.BACKWARD_OWNED, outputs, [grad_input], OWNS_ROWS=True, **needs)
+        launch(BACKWARD_OWNED, outputs, [grads["NEED_DE"]], OWNS_ROWS=True, **needs)
     if needs["NEED_DC"] or needs["NEED_DBIAS"]:
-        launch(configs.BACKWARD_OWNED, outputs,
-               [g for g, key in ((grad_weight, "NEED_DC"), (grad_bias, "NEED_DBIAS")) if needs[key]],
+        launch(BACKWARD_OWNED, outputs,
+               [grads[key] for key in ("NEED_DC", "NEED_DBIAS") if needs[key]],
                count=not needs["NEED_DE"], OWNS_ROWS=False, **needs)
-    return grad_input, grad_weight, grad_bias
+    return tuple(outputs)
 
 
 def _input_gen_fns(vocab: int) -> dict[int, Callable[[Any], torch.Tensor]]:
     """As the forward's, plus the row statistics of such logits: lse ~ log(V) + 1/2 (the
     log-mean-exp of N(0, 1) logits) so the softmax, and thus filtering, looks realistic."""
-    fns = dict(forward_input_gen_fns(vocab))
+    fns = dict(forward.input_gen_fns(vocab))
 
     def lse(node: Any) -> torch.Tensor:
         (rows,) = compat.size_hints(node)

@@ -19,10 +19,12 @@ LOWERING_DIR = Path(__file__).resolve().parent
 
 
 def source_files() -> list[Path]:
-    """The files whose text decides the generated kernels: lowerings and templates."""
-    from cce_inductor.lowering import templates
+    """The files whose text decides the generated kernels: the lowerings, the templates, and
+    compat (how the lowerings call Inductor). The tools and the test harness are not among
+    them: they drive the lowering, they do not shape its kernels."""
+    from cce_inductor.lowering import common
 
-    return sorted(LOWERING_DIR.glob("*.py")) + templates.template_files()
+    return sorted(LOWERING_DIR.glob("*.py")) + common.template_files() + [Path(compat.__file__)]
 
 
 def source_hash(files: list[Path] | None = None) -> str:

@@ -1,42 +1,35 @@
-"""Tile configurations of the CCE templates, per kernel, input dtype and GPU generation.
+"""Tile configurations of the CCE templates: the config types and the table mechanics.
 
-The first config of each list is the default (used without max-autotune); max-autotune
+Each kernel family's module (`lowering.forward`, `lowering.backward`) holds its own tables,
+beside its grid and lowering. A table lists configs per input width (16-bit or fp32) and GPU
+generation; its first config is the default (used without max-autotune) and max-autotune
 benchmarks the whole list. Every shipped config is compiled for sm_80 and sm_90a by
-`cce_inductor.tools.gpu_readiness`, which checks it for register spills and shared memory.
-
-The forward splits the vocabulary when there are too few row blocks to fill the GPU: its
-config's `waves` asks for about waves x (SM count) programs, see `vocab_splits`.
+`python -m cce_inductor.tools.gpu_readiness`, which checks it for register spills and shared
+memory.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
-from typing import Any, Callable, Iterator, Union
+from typing import Iterator, Union
 
 import torch
 
-FORWARD = "forward"  # partial row statistics per (row block, vocabulary split)
-FORWARD_COMBINE = "forward_combine"  # merges the vocabulary splits' partial statistics
-BACKWARD = "backward"  # one program per (row block, vocab block) tile, atomic accumulation
-BACKWARD_OWNED = "backward_owned"  # deterministic: each program owns an output tile
-KERNELS = (FORWARD, FORWARD_COMBINE, BACKWARD, BACKWARD_OWNED)
 ARCHS = (80, 90)  # Ampere (sm_80) and Hopper (sm_90a)
-# The interpreter has no SMs; a small count lets tiny test shapes split the vocabulary as
-# realistic shapes do on a GPU.
-INTERPRETER_SM_COUNT = 4
+SIXTEEN_BIT, FLOAT32 = "16-bit", "fp32"  # input widths: bf16 / fp16, and fp32
+WIDTHS = (SIXTEEN_BIT, FLOAT32)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class TileConfig:
     block_n: int  # rows of E per tile
     block_v: int  # vocabulary rows of C per tile
     block_d: int  # hidden-dimension step of the logit matmul
     num_warps: int
     num_stages: int
-    block_do: int = 0  # BACKWARD_OWNED: width of the owned gradient tile along D
-    waves: int = 0  # FORWARD: aim at waves x SMs programs by splitting the vocabulary (0: never)
+    block_do: int = 0  # deterministic backward: width of the owned gradient tile along D
+    waves: int = 0  # forward: aim at waves x SMs programs by splitting the vocabulary (0: never)
 
     def kwargs(self) -> dict[str, int]:
         """Template constexprs and launch options."""
@@ -55,9 +48,9 @@ class TileConfig:
                 f"_w{self.num_warps}_s{self.num_stages}{waves}")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class CombineConfig:
-    """FORWARD_COMBINE: BLOCK_N rows per program, BLOCK_S vocabulary splits per step."""
+    """The forward combine: BLOCK_N rows per program, BLOCK_S vocabulary splits per step."""
     block_n: int
     block_s: int
     num_warps: int
@@ -73,56 +66,37 @@ class CombineConfig:
 Config = Union[TileConfig, CombineConfig]
 
 
-def vocab_splits(n: Any, v: Any, block_n: int, block_v: int, programs: int, *,
-                 cdiv: Callable, min: Callable, max: Callable) -> Any:
-    """How many vocabulary ranges the forward splits into: enough for about `programs` programs
-    over the cdiv(N, BLOCK_N) row blocks, at most one per vocabulary tile, 1 when the row blocks
-    alone are that many (or programs is 0). Works on ints and on sympy sizes (the grid and the
-    partial-statistics buffer of dynamic shapes): cdiv/min/max are passed in for that."""
-    if programs <= 0:
-        return 1
-    row_blocks = max(1, cdiv(n, block_n))
-    return max(1, min(cdiv(programs, row_blocks), cdiv(v, block_v)))
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Row:
+    """The configs (default first) of the input widths and archs named: identical rows of
+    several widths or archs are written once."""
+    widths: tuple[str, ...] = WIDTHS
+    archs: tuple[int, ...] = ARCHS
+    configs: tuple[Config, ...]
 
 
-def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of `device` (INTERPRETER_SM_COUNT for the CPU interpreter)."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return INTERPRETER_SM_COUNT
+class ConfigTable:
+    """One kernel's configs per (input width, arch); every pair is served by exactly one row."""
+
+    def __init__(self, *rows: Row) -> None:
+        self._configs: dict[tuple[str, int], tuple[Config, ...]] = {}
+        for row in rows:
+            if not row.configs:
+                raise ValueError(f"a config row without configs: {row}")
+            for key in ((width, arch) for width in row.widths for arch in row.archs):
+                if key in self._configs:
+                    raise ValueError(f"two rows serve {key}")
+                self._configs[key] = row.configs
+        missing = {(w, a) for w in WIDTHS for a in ARCHS} - set(self._configs)
+        if missing:
+            raise ValueError(f"no row serves {sorted(missing)}")
+
+    def shipped(self, width: str, arch: int) -> tuple[Config, ...]:
+        return self._configs[(width, arch)]
 
 
-_C = TileConfig
-_F = functools.partial(TileConfig, waves=2)  # forward: split to about two waves of programs
-# The combine reads a few floats per row and split: any small tile does.
-_COMBINE = (CombineConfig(128, 8, 4),)
-# (kernel, is 16-bit input, arch) -> configs, default first.
-_TABLE: dict[tuple[str, bool, int], tuple[Config, ...]] = {
-    (FORWARD, True, 80): (_F(64, 128, 64, 4, 3), _F(128, 128, 32, 8, 3), _F(64, 256, 32, 8, 3),
-                          _F(128, 64, 64, 4, 3), _F(32, 128, 64, 4, 4),
-                          _C(64, 128, 64, 4, 3, waves=4), _C(64, 128, 64, 4, 3)),
-    (FORWARD, True, 90): (_F(128, 128, 64, 8, 3), _F(64, 128, 64, 4, 3), _F(128, 256, 64, 8, 3),
-                          _F(64, 256, 64, 8, 3), _C(128, 128, 64, 8, 3, waves=4),
-                          _C(128, 128, 64, 8, 3)),
-    (FORWARD, False, 80): (_F(64, 64, 32, 4, 3), _F(64, 128, 32, 4, 3), _F(128, 64, 32, 8, 3),
-                           _C(64, 64, 32, 4, 3)),
-    (FORWARD, False, 90): (_F(64, 64, 32, 4, 3), _F(64, 128, 32, 4, 3), _F(128, 64, 32, 8, 3),
-                           _C(64, 64, 32, 4, 3)),
-    (FORWARD_COMBINE, True, 80): _COMBINE,
-    (FORWARD_COMBINE, True, 90): _COMBINE,
-    (FORWARD_COMBINE, False, 80): _COMBINE,
-    (FORWARD_COMBINE, False, 90): _COMBINE,
-    (BACKWARD, True, 80): (_C(64, 128, 64, 8, 3), _C(128, 128, 32, 8, 3), _C(64, 64, 64, 4, 3),
-                           _C(128, 64, 64, 8, 3)),
-    (BACKWARD, True, 90): (_C(128, 128, 64, 8, 3), _C(64, 128, 64, 8, 3), _C(128, 64, 64, 8, 3)),
-    (BACKWARD, False, 80): (_C(32, 64, 32, 4, 3), _C(32, 32, 32, 4, 3)),
-    # 8 warps: with 4, the 32x64x32 tile spills 8 bytes on sm_90a.
-    (BACKWARD, False, 90): (_C(32, 64, 32, 8, 3), _C(32, 32, 32, 4, 3)),
-    (BACKWARD_OWNED, True, 80): (_C(64, 64, 64, 4, 3, 128), _C(64, 128, 64, 8, 3, 128)),
-    (BACKWARD_OWNED, True, 90): (_C(64, 64, 64, 4, 3, 128), _C(128, 64, 64, 8, 3, 128)),
-    (BACKWARD_OWNED, False, 80): (_C(32, 64, 32, 4, 3, 32),),
-    (BACKWARD_OWNED, False, 90): (_C(32, 64, 32, 4, 3, 32),),
-}
+def width_of(dtype: torch.dtype) -> str:
+    return SIXTEEN_BIT if dtype in (torch.float16, torch.bfloat16) else FLOAT32
 
 
 def arch_of(device: torch.device) -> int:
@@ -135,10 +109,12 @@ def arch_of(device: torch.device) -> int:
 _forced: dict[str, tuple[Config, ...]] = {}
 
 
-def tile_configs(kernel: str, dtype: torch.dtype, arch: int, all_configs: bool) -> list[Config]:
-    """The default config, or with `all_configs` (max-autotune) every config to benchmark."""
-    table = _forced.get(kernel) or _TABLE[(kernel, dtype in (torch.float16, torch.bfloat16), arch)]
-    return list(table) if all_configs else [table[0]]
+def select(kernel: str, table: ConfigTable, dtype: torch.dtype, arch: int,
+           all_configs: bool) -> list[Config]:
+    """The default config of `kernel`, or with `all_configs` (max-autotune) every config to
+    benchmark; configs forced for the kernel name replace the table's."""
+    shipped = _forced.get(kernel) or table.shipped(width_of(dtype), arch)
+    return list(shipped) if all_configs else [shipped[0]]
 
 
 @contextlib.contextmanager
@@ -154,8 +130,3 @@ def forced(**per_kernel: Union[Config, tuple[Config, ...]]) -> Iterator[None]:
     finally:
         _forced.clear()
         _forced.update(previous)
-
-
-def shipped_configs() -> dict[tuple[str, bool, int], tuple[Config, ...]]:
-    """Every config that can be launched, keyed by (kernel, 16-bit input, arch)."""
-    return dict(_TABLE)

@@ -19,7 +19,6 @@ import torch
 from cce_inductor import compat
 
 log = logging.getLogger("cce_inductor")
-INDUCTOR_LOWERING = "torch._inductor.lowering"
 _registered = False
 
 
@@ -75,10 +74,10 @@ class _PostImportHook(importlib.abc.MetaPathFinder):
 
 def install() -> None:
     """Register now if Inductor's lowering module is loaded, else as soon as it is."""
-    if INDUCTOR_LOWERING in sys.modules:
+    if compat.INDUCTOR_LOWERING_MODULE in sys.modules:
         register()
     elif not any(isinstance(f, _PostImportHook) for f in sys.meta_path):
-        sys.meta_path.insert(0, _PostImportHook(INDUCTOR_LOWERING, register))
+        sys.meta_path.insert(0, _PostImportHook(compat.INDUCTOR_LOWERING_MODULE, register))
 
 
 install()

@@ -8,7 +8,7 @@ import shutil
 import torch
 
 from cce_inductor import compat
-from cce_inductor.lowering import cache, templates
+from cce_inductor.lowering import cache, common
 from cce_inductor.tools import interpreter
 
 
@@ -33,7 +33,8 @@ def test_harness_restores_process_state():
     import torch._inductor.config as inductor_config
     import triton
 
-    triton_helpers = compat.inductor_triton_helpers()
+    from torch._inductor.runtime import triton_helpers
+
     before = (inductor_config.cpu_backend, os.environ.get("TRITON_INTERPRET"),
               triton_helpers.libdevice, triton.language.zeros)
     with interpreter.interpreted():
@@ -51,8 +52,8 @@ def test_cache_key_follows_template_text(tmp_path, monkeypatch):
     """Editing a template changes the uuid of the post-grad pass, hence Inductor's FX graph
     cache key; unchanged sources keep it."""
     copy = tmp_path / "templates"
-    shutil.copytree(templates.TEMPLATE_DIR, copy)
-    monkeypatch.setattr(templates, "TEMPLATE_DIR", copy)
+    shutil.copytree(common.TEMPLATE_DIR, copy)
+    monkeypatch.setattr(common, "TEMPLATE_DIR", copy)
     pass_ = cache.graph_pass()
     first = pass_.uuid()
     assert pass_.uuid() == first

@@ -20,7 +20,7 @@ import torch
 import cce_inductor
 import reference
 from cce_inductor import compat, filter_stats
-from cce_inductor.lowering import configs
+from cce_inductor.lowering import backward, configs, forward
 from cce_inductor.tools import interpreter
 
 # N*V = 1680 is neither N*D = 960 nor V*D = 2800; V and D are no multiples of any block size.
@@ -134,7 +134,8 @@ def test_compiled_matches_reference(case):
 
 
 # 16 x 16 forward tiles, vocabulary split to fill two waves of the interpreter's 4 "SMs".
-SPLIT_TILES = configs.TileConfig(16, 16, 16, 4, 1, waves=2)
+SPLIT_TILES = configs.TileConfig(block_n=16, block_v=16, block_d=16, num_warps=4, num_stages=1,
+                                 waves=2)
 
 
 @pytest.mark.parametrize("n, grid", [(N, (2, 4)), (36, (3, 3))])
@@ -156,7 +157,7 @@ def test_autotuned_forward_fills_unused_split_slots():
     import torch._inductor.config as inductor_config
 
     unsplit = dataclasses.replace(SPLIT_TILES, waves=0)
-    default_backward = configs.tile_configs(configs.BACKWARD, torch.float32, 80, False)[0]
+    default_backward = backward.BACKWARD.configs_for(torch.float32, 80, False)[0]
     with configs.forced(forward=(SPLIT_TILES, unsplit), backward=default_backward), \
             inductor_config.patch({"max_autotune": True,
                                    "test_configs.autotune_choice_desc_regex": "^(?!.*WAVES=2)"}):
@@ -335,7 +336,7 @@ def test_max_autotune_benchmarks_every_config():
     """With max-autotune the template choices are benchmarked (here by the interpreter)."""
     import torch._inductor.config as inductor_config
 
-    assert len(configs.tile_configs(configs.FORWARD, torch.float32, 80, True)) > 1
+    assert len(forward.FORWARD.configs_for(torch.float32, 80, True)) > 1
     with inductor_config.patch(max_autotune=True):
         codes = run_compiled(torch.float32, {}, n=8, v=40, d=16)
     assert_fused(codes, n=8, v=40, d=16)

@@ -43,7 +43,7 @@ from tabulate import tabulate
 from cce_inductor import backend as cce_backend_module
 from cce_inductor import compat
 from cce_inductor.tools import measure
-from cce_inductor.tools.interpreted import triton_on_cpu
+from cce_inductor.tools.interpreter import triton_on_cpu
 from cce_inductor.tools.toy_lm import ToyLMConfig, WordTokenizer, batches, build_model
 from cce_inductor.tools.wrapper_memory import (
     GraphMemory,

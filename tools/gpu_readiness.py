@@ -28,19 +28,21 @@ from typing import Any, Optional
 
 import torch
 
-from cce_inductor.lowering import configs
+from cce_inductor.lowering import backward, configs, forward
 
 # Opt-in shared memory per block: A100 163 KiB, H100 227 KiB.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 HIDDEN = 256  # D of the graph the kernels are rendered from
 _KERNEL_DEF = re.compile(r"async_compile\.triton\('(\w+)', '''(.*?)'''", re.S)
+# Every template kernel, by name (the key of configs.forced).
+KERNELS = {kernel.name: kernel for kernel in (*forward.KERNELS, *backward.KERNELS)}
 # The interpreter's bf16 tl.dot workaround must not reach GPU code.
 _INTERPRETER_ONLY = ("DOT_FP32 : tl.constexpr = True", "DOT_FP32 : tl.constexpr = False")
 
 
 @dataclasses.dataclass(frozen=True)
 class Resources:
-    kernel: str  # one of configs.KERNELS (BACKWARD_OWNED with [dE] or [dC])
+    kernel: str  # a name of KERNELS (backward_owned with [dE] or [dC])
     dtype: str
     config: str
     arch: int
@@ -84,7 +86,7 @@ def render(dtype: torch.dtype, deterministic: bool, **forced: configs.Config) ->
         fn = torch.compile(cce_inductor.linear_cross_entropy, backend="inductor")
         fn(e, c, t, linear_bias=b, softcap=20.0).backward()
 
-    torch._dynamo.reset()
+    torch.compiler.reset()
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(deterministic)
     try:
@@ -92,7 +94,7 @@ def render(dtype: torch.dtype, deterministic: bool, **forced: configs.Config) ->
             _, codes = compat.run_and_get_code(step)
     finally:
         torch.use_deterministic_algorithms(previous)
-        torch._dynamo.reset()
+        torch.compiler.reset()
     return {name: src for code in codes for name, src in _KERNEL_DEF.findall(code)
             if name.startswith("triton_tem_")}
 
@@ -171,16 +173,16 @@ def _run_compile_jobs(path: Path) -> None:
 
 
 def kernel_of(source: str) -> str:
-    """Which kernel of configs.KERNELS an Inductor-rendered CCE template source is."""
+    """Which kernel of KERNELS an Inductor-rendered CCE template source is."""
     if "OWNS_ROWS : tl.constexpr" in source:
-        return configs.BACKWARD_OWNED
+        return backward.BACKWARD_OWNED.name
     if "arg_PARTIALS" in source:
-        return configs.FORWARD if "arg_E" in source else configs.FORWARD_COMBINE
-    return configs.BACKWARD
+        return forward.FORWARD.name if "arg_E" in source else forward.FORWARD_COMBINE.name
+    return backward.BACKWARD.name
 
 
 def _label(kernel: str, source: str) -> str:
-    if kernel != configs.BACKWARD_OWNED:
+    if kernel != backward.BACKWARD_OWNED.name:
         return kernel
     return kernel + ("[dE]" if "OWNS_ROWS : tl.constexpr = True" in source else "[dC]")
 
@@ -190,13 +192,12 @@ def _renders(dtype: torch.dtype, arch: int, all_configs: bool
     """The (deterministic, forced configs) renders that cover the configs of `arch` (or just
     its defaults): one render forces a config of each kernel it builds, so the forward, combine
     and atomic backward share renders, and the deterministic backward gets its own."""
-    sixteen_bit = dtype in (torch.float16, torch.bfloat16)
-    lists = {kernel: configs.shipped_configs()[(kernel, sixteen_bit, arch)]
-             for kernel in configs.KERNELS}
+    lists = {name: kernel.table.shipped(configs.width_of(dtype), arch)
+             for name, kernel in KERNELS.items()}
     if not all_configs:
         lists = {kernel: table[:1] for kernel, table in lists.items()}
-    groups = [(False, (configs.FORWARD, configs.FORWARD_COMBINE, configs.BACKWARD)),
-              (True, (configs.BACKWARD_OWNED,))]
+    groups = [(False, (forward.FORWARD.name, forward.FORWARD_COMBINE.name, backward.BACKWARD.name)),
+              (True, (backward.BACKWARD_OWNED.name,))]
     return [(deterministic, {kernel: lists[kernel][i] for kernel in kernels
                              if i < len(lists[kernel])})
             for deterministic, kernels in groups

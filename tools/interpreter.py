@@ -1,9 +1,10 @@
 """Run Inductor's real Triton code (the CCE templates included) on the CPU via Triton's interpreter.
 
-No machine of this project has a GPU, yet the templates must be exercised end to end: rendered
-by Inductor, launched by its wrapper, numerically checked. With this harness active, Inductor
-compiles CPU graphs with its Triton backend and Triton runs every kernel in its numpy
-interpreter:
+Test and tool support, not production code: no machine of this project has a GPU, yet the
+templates must be exercised end to end: rendered by Inductor, launched by its wrapper,
+numerically checked (tests), and their kernels and buffers shown (cce-dump, the memory
+report, the GPU-readiness check). With this harness active, Inductor compiles CPU graphs with
+its Triton backend and Triton runs every kernel in its numpy interpreter:
 
     from cce_inductor.tools import interpreter
     with interpreter.interpreted():
@@ -13,15 +14,16 @@ What it arranges (each piece is needed, see DESIGN.md "Testing without a GPU"):
   * TRITON_INTERPRET=1, so every `triton.jit` made from now on is interpreted; the jitted
     helpers made before (triton.language's, Inductor's triton_helpers) are swapped for
     interpreted versions;
-  * `torch._inductor.config.cpu_backend = "triton"`, no epilogue-fusion benchmarking, and
-    kernels compiled in this process (compile_threads=1);
+  * Inductor's Triton backend for CPU graphs, no epilogue-fusion benchmarking, and kernels
+    compiled in this process (`compat.inductor_triton_on_cpu`);
   * an active Triton driver that reports an sm_80 GPU target, since the interpreter has none;
   * `triton_helpers.set_driver_to_cpu` a no-op (no triton-cpu backend exists here);
   * `triton_helpers.libdevice` served by `triton.language.math` plus interpreted versions of
-    the functions it lacks (`interpreter_math`).
-
-The lowering asks `is_active()` to decide whether CPU tensors get the Triton templates (and
-to upcast bf16 `tl.dot` operands, which triton 3.9's interpreter multiplies wrongly).
+    the functions it lacks (`interpreter_math`);
+  * and the one switch production code reads: CPU tensors take the Triton templates
+    (`lowering.common.cpu_tensors_take_templates`; the lowering derives the rest from the
+    device, e.g. upcasting bf16 `tl.dot` operands, which triton 3.9's interpreter multiplies
+    wrongly).
 Interpreter timings mean nothing and Inductor's generic reductions run element by element, so
 keep shapes tiny. Process-wide state is changed; `interpreted()` restores it on exit (kernels
 compiled inside stay interpreted).
@@ -33,14 +35,13 @@ import contextlib
 import os
 import sys
 import types
+import warnings
 from typing import Any, Iterator
 
+from cce_inductor import compat
+from cce_inductor.lowering import common
+
 _active_depth = 0
-
-
-def is_active() -> bool:
-    """True inside `interpreted()`: CPU tensors then take the Triton template path."""
-    return _active_depth > 0
 
 
 class _InterpreterDriver:
@@ -119,34 +120,41 @@ def _interpreted_libdevice() -> _Libdevice:
     return _libdevice
 
 
-def _reinterpret_jitted() -> list[tuple[Any, str, Any]]:
-    """Swap every compiled-mode `triton.jit` function of triton.language and of Inductor's
-    triton_helpers for an interpreted one; return what was replaced, for restoring.
+class _Reinterpreter:
+    """Interpreted stand-ins for compiled-mode `triton.jit` functions, one per function.
 
     `triton.jit` decides between compiled and interpreted when a function is decorated, so
     the helpers defined when triton was imported (tl.zeros, tl.sum, triton_helpers.max2, ...)
     would refuse to run inside an interpreted kernel if triton came before TRITON_INTERPRET.
     """
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
 
-    owners: list[Any] = [
-        module for name, module in list(sys.modules.items())
-        if module is not None and (name == "triton.language" or name.startswith("triton.language.")
-                                   or name == "torch._inductor.runtime.triton_helpers")
-    ]
-    import triton.language as tl
+    def __init__(self) -> None:
+        self._interpreted: dict[int, Any] = {}
 
-    owners.append(tl.tensor)  # member functions such as x.sum(), x.to()
-    interpreted_of: dict[int, Any] = {}
-    replaced = []
-    for owner in owners:
-        for name, value in list(vars(owner).items()):
-            if isinstance(value, JITFunction):
-                new = interpreted_of.setdefault(id(value), InterpretedFunction(value.fn))
-                setattr(owner, name, new)
-                replaced.append((owner, name, value))
-    return replaced
+    def __call__(self, function: Any) -> Any:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        return self._interpreted.setdefault(id(function), InterpretedFunction(function.fn))
+
+    def swap_triton_language(self) -> list[tuple[Any, str, Any]]:
+        """Swap every jitted function of triton.language for its stand-in; return what was
+        replaced, for restoring."""
+        from triton.runtime.jit import JITFunction
+        import triton.language as tl
+
+        owners: list[Any] = [
+            module for name, module in list(sys.modules.items())
+            if module is not None and (name == "triton.language"
+                                       or name.startswith("triton.language."))
+        ]
+        owners.append(tl.tensor)  # member functions such as x.sum(), x.to()
+        replaced = []
+        for owner in owners:
+            for name, value in list(vars(owner).items()):
+                if isinstance(value, JITFunction):
+                    setattr(owner, name, self(value))
+                    replaced.append((owner, name, value))
+        return replaced
 
 
 @contextlib.contextmanager
@@ -155,28 +163,20 @@ def interpreted() -> Iterator[None]:
     global _active_depth
     saved_env = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
-    import torch._inductor.config as inductor_config
     import triton
 
-    from cce_inductor import compat
-
-    triton_helpers = compat.inductor_triton_helpers()
-    replaced = _reinterpret_jitted()
+    reinterpret = _Reinterpreter()
+    replaced = reinterpret.swap_triton_language()
     driver = triton.runtime.driver
     saved_driver = driver._active
-    saved_helpers = (triton_helpers.set_driver_to_cpu, triton_helpers.libdevice)
     driver.set_active(_InterpreterDriver())
-    triton_helpers.set_driver_to_cpu = lambda: None
-    triton_helpers.libdevice = _interpreted_libdevice()
     _active_depth += 1
     try:
-        # compile_threads=1: compile-pool workers would build kernels without the interpreter.
-        with inductor_config.patch(cpu_backend="triton", benchmark_epilogue_fusion=False,
-                                   compile_threads=1):
+        with compat.inductor_triton_on_cpu(_interpreted_libdevice(), reinterpret), \
+                common.cpu_tensors_take_templates():
             yield
     finally:
         _active_depth -= 1
-        triton_helpers.set_driver_to_cpu, triton_helpers.libdevice = saved_helpers
         driver._active = saved_driver
         for owner, name, original in replaced:
             setattr(owner, name, original)
@@ -184,3 +184,21 @@ def interpreted() -> Iterator[None]:
             os.environ.pop("TRITON_INTERPRET", None)
         else:
             os.environ["TRITON_INTERPRET"] = saved_env
+
+
+def is_active() -> bool:
+    """True inside `interpreted()`."""
+    return _active_depth > 0
+
+
+@contextlib.contextmanager
+def triton_on_cpu(active: bool = True) -> Iterator[None]:
+    """`interpreted()` when `active` (else nothing), for the tools: Inductor compiles CPU graphs
+    to the Triton kernels a GPU would get, the CCE templates included, and Triton's interpreter
+    runs them; numpy's overflow warnings from masked-off lanes are silenced."""
+    if not active:
+        yield
+        return
+    with interpreted(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        yield

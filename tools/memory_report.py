@@ -31,7 +31,7 @@ from tabulate import tabulate
 
 from cce_inductor import compat
 from cce_inductor.tools import measure
-from cce_inductor.tools.interpreted import triton_on_cpu
+from cce_inductor.tools.interpreter import triton_on_cpu
 from cce_inductor.tools.presets import DTYPES, PRESETS, Shape, resolve
 from cce_inductor.tools.wrapper_memory import Allocation, GraphMemory, replay
 
@@ -100,7 +100,7 @@ def make_inputs(
     classifier.requires_grad_(with_grad)
     for tensor in (hidden, classifier, target):
         for dim in range(tensor.dim()):
-            torch._dynamo.mark_dynamic(tensor, dim)
+            compat.mark_dynamic(tensor, dim)
     return hidden, classifier, target
 
 

@@ -25,6 +25,9 @@ from typing import Any, Optional
 
 import torch
 
+from cce_inductor import compat
+
+
 @dataclasses.dataclass
 class Allocation:
     name: str
@@ -113,7 +116,7 @@ def _tensors(value: Any) -> list[torch.Tensor]:
 
 
 def _storage(tensor: torch.Tensor) -> int:
-    return tensor.untyped_storage()._cdata
+    return compat.storage_key(tensor)
 
 
 def replay(source: str, sizes: Optional[dict[int, int]] = None) -> GraphMemory:
