@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Optional
 
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -43,17 +42,6 @@ TOLERANCES: dict[torch.dtype, Tolerance] = {
 }
 
 GRAD_NAMES = ("input", "linear_weight", "linear_bias")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_threaded():
-    """Import into a test module to run it on one intra-op thread: these tests run many ops on
-    small tensors, where threads cost more than they save, and on a busy 2-core machine OpenMP
-    threads spin against each other (a 10 ms case took over 1 s)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def torch_linear_cross_entropy(

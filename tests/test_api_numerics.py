@@ -17,7 +17,8 @@ import torch.nn.functional as F
 import cce_inductor
 import reference
 from cce_inductor import arguments, blocked, filter_stats
-from reference import single_threaded  # noqa: F401  (autouse fixture)
+
+pytestmark = pytest.mark.usefixtures("single_threaded")
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # V and D are multiples of no block size; N spans several small token blocks.

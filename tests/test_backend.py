@@ -21,7 +21,9 @@ from torch import nn
 import reference
 from cce_inductor import compat, filter_stats
 from cce_inductor.backend import cce_backend, make_cce_backend
-from test_rewrite import UPCASTING, VARIANTS, cce_counters, fresh_dynamo, variant_inputs  # noqa: F401
+from support import UPCASTING, VARIANTS, cce_counters, variant_inputs
+
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 # Every variant in float32, where the tolerance is a few ulps (catching any inexact rewrite), except

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import cce_inductor
-from reference import single_threaded  # noqa: F401  (autouse fixture)
+
+pytestmark = pytest.mark.usefixtures("single_threaded")
 
 N, V, D = 6, 11, 4
 

@@ -17,7 +17,9 @@ import pytest
 import torch
 
 from cce_inductor.backend import make_cce_backend
-from test_rewrite import cce_counters, fresh_dynamo  # noqa: F401  (autouse fixture)
+from support import cce_counters
+
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 transformers = pytest.importorskip("transformers")
 

@@ -27,13 +27,7 @@ from cce_inductor.tools import interpreter
 N, D, V = 24, 40, 70
 
 
-@pytest.fixture(autouse=True)
-def fresh_compile():
-    """Each test compiles from scratch (no FX-graph-cache hit hides the code being checked)."""
-    torch._dynamo.reset()
-    with compat.fresh_inductor_cache():
-        yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_compile")
 
 
 def compiled_api(dynamic: bool = False):
@@ -173,7 +167,7 @@ def test_dynamic_rows_compile_once():
     one backward wrapper for all four N. The templates take N as a kernel argument; the number
     of vocabulary splits and the partial-statistics buffer follow N at run time."""
     compiled = compiled_api(dynamic=True)
-    counters = compat.dynamo_counters()  # process-wide, not cleared by torch._dynamo.reset()
+    counters = compat.dynamo_counters()  # process-wide, not cleared by torch.compiler.reset()
     frames, graphs = counters["frames"]["total"], counters["stats"]["unique_graphs"]
 
     def run_all_rows():

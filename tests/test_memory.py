@@ -17,7 +17,8 @@ import torch.autograd.profiler
 import cce_inductor
 import reference
 from cce_inductor import blocked
-from reference import single_threaded  # noqa: F401  (autouse fixture)
+
+pytestmark = pytest.mark.usefixtures("single_threaded")
 
 V, D = 2048, 32
 TOKEN_BLOCK, VOCAB_BLOCK = 64, 256

@@ -22,7 +22,8 @@ from torch.testing._internal.common_methods_invocations import op_db
 
 import cce_inductor
 import reference
-from reference import single_threaded  # noqa: F401  (autouse fixture)
+
+pytestmark = pytest.mark.usefixtures("single_threaded")
 
 DTYPES = (torch.float32, torch.float64)
 HIDDEN = 5  # D of the random head

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import cce_inductor
-from reference import single_threaded  # noqa: F401  (autouse fixture)
+
+pytestmark = pytest.mark.usefixtures("single_threaded")
 
 N, V, D = 7, 19, 5  # tiny: opcheck and gradcheck run the op many times
 

@@ -34,6 +34,7 @@ from torch import nn
 
 import ranks
 import reference
+import support
 from cce_inductor import compat, filter_stats
 from cce_inductor.rewrite import rewrite_linear_cross_entropy
 
@@ -218,7 +219,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 
 
 def _train(setup: Setup, rank: int) -> dict[str, Any]:
-    counters = _fresh_counters()
+    counters = support.fresh_dynamo_state()
     model = make_model(setup)
     parallel, mesh = _parallelize(model, setup)
     optimizer = make_optimizer(setup, model.parameters())
@@ -247,7 +248,7 @@ def _train(setup: Setup, rank: int) -> dict[str, Any]:
 def _decide(setup: Setup, rank: int) -> dict[str, Any]:
     """The graph pass's decision, and the loss and gradients of one step of the graph it
     leaves, run eagerly (no Inductor: what is checked is the rewrite)."""
-    counters = _fresh_counters()
+    counters = support.fresh_dynamo_state()
     if setup.head == "unembedding":
         from torch.distributed.device_mesh import init_device_mesh
 
@@ -269,13 +270,6 @@ def _decide(setup: Setup, rank: int) -> dict[str, Any]:
         "loss": _whole(loss).detach(),
         "grads": {name: _whole(param.grad) for name, param in model.named_parameters()},
     }
-
-
-def _fresh_counters():
-    torch._dynamo.reset()
-    counters = compat.dynamo_counters()
-    counters.clear()
-    return counters
 
 
 def _rank_batch(setup: Setup, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

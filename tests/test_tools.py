@@ -20,14 +20,9 @@ from cce_inductor.tools.wrapper_memory import replay
 # A shape other than the compile-time one (memory_report.TINY), so that the sizes really are
 # substituted into the symbolic code. float32: on a CPU, bf16 matmuls (extern kernels) allocate
 # float32 scratch copies of their operands that no wrapper shows.
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
+
 SMALL = Shape(n=64, v=400, d=48, dtype="float32")
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch.compiler.reset()
-    yield
-    torch.compiler.reset()
 
 
 def _allocations(fn) -> list[int]:
