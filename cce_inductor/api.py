@@ -63,34 +63,33 @@ def linear_cross_entropy(
         the loss (fp32; shape `[...]` for reduction='none', else a scalar), and with
         `return_lse` the pair (loss, lse).
     """
-    ignore_index = -100 if ignore_index is None else int(ignore_index)
+    options = arguments.LossOptions(
+        reduction=reduction, ignore_index=-100 if ignore_index is None else int(ignore_index),
+        label_smoothing=label_smoothing, softcap=softcap, filter_eps=filter_eps,
+        return_lse=return_lse,
+    )
     if vocab_parallel_group is not None:
         return vocab_parallel.vocab_parallel_loss(
-            input, linear_weight, target, group=vocab_parallel_group,
-            start_index=vocab_start_index, linear_bias=linear_bias, weight=weight,
-            reduction=reduction, ignore_index=ignore_index, label_smoothing=label_smoothing,
-            softcap=softcap, filter_eps=filter_eps, return_lse=return_lse,
+            input, linear_weight, target, linear_bias, weight, options,
+            group=vocab_parallel_group, start_index=vocab_start_index,
         )
     if vocab_start_index is not None:
         raise ValueError("vocab_start_index is only meaningful with vocab_parallel_group")
-    arguments.check_arguments(
-        input, linear_weight, target, linear_bias, weight, reduction, label_smoothing, softcap
-    )
+    eps = arguments.check_arguments(input, linear_weight, target, linear_bias, weight, options)
     vocab = linear_weight.shape[0]
-    arguments.check_target_values(target, vocab, ignore_index)
-    eps = arguments.resolve_filter_eps(filter_eps, input.dtype)
+    arguments.check_target_values(target, vocab, options.ignore_index)
 
-    rows = losses.flatten(input, target, weight, softcap, label_smoothing)
+    rows = losses.flatten(input, target, weight, options)
     # Eager calls on a GPU run the op through an internal torch.compile (the Triton templates).
     lse, target_logit, logit_sum = dispatch.call(
         torch.ops.cce.linear_cross_entropy_fwd, rows.input, linear_weight, linear_bias,
         rows.target, rows.class_weight, rows.softcap, rows.label_smoothing > 0, eps,
     )
     loss, denominator = losses.row_losses(
-        lse, target_logit, logit_sum, rows.target, rows.class_weight, ignore_index,
+        lse, target_logit, logit_sum, rows.target, rows.class_weight, options.ignore_index,
         rows.label_smoothing, vocab,
     )
-    return losses.reduce_loss(loss, denominator, lse, reduction, rows.leading, return_lse)
+    return losses.reduce_loss(loss, denominator, lse, rows.leading, options)
 
 
 class LinearCrossEntropy(nn.Module):

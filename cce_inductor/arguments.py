@@ -8,6 +8,7 @@ is the classifier, `weight` the class weights.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Union
 
 import torch
@@ -19,6 +20,19 @@ REDUCTIONS = ("mean", "sum", "none")
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 FilterEps = Union[float, str, None]
+
+
+@dataclasses.dataclass(frozen=True)
+class LossOptions:
+    """The loss's options beyond its tensors, as the public API names them; how the explicit
+    API hands them to the vocabulary- and tensor-parallel losses."""
+
+    reduction: str = "mean"
+    ignore_index: int = -100
+    label_smoothing: float = 0.0
+    softcap: Optional[float] = None
+    filter_eps: FilterEps = "auto"
+    return_lse: bool = False
 
 
 def resolve_filter_eps(filter_eps: FilterEps, dtype: torch.dtype) -> Optional[float]:
@@ -33,16 +47,11 @@ def resolve_filter_eps(filter_eps: FilterEps, dtype: torch.dtype) -> Optional[fl
 
 
 def check_arguments(
-    input: Tensor,
-    linear_weight: Tensor,
-    target: Tensor,
-    linear_bias: Optional[Tensor],
-    weight: Optional[Tensor],
-    reduction: str,
-    label_smoothing: float,
-    softcap: Optional[float],
-) -> None:
-    """Every check that needs no data: shapes, dtypes, devices and option values."""
+    input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: Optional[Tensor],
+    weight: Optional[Tensor], options: LossOptions,
+) -> Optional[float]:
+    """Every check that needs no data: shapes, dtypes, devices and option values; returns
+    filter_eps resolved for the input's dtype."""
     if input.dim() < 1:
         raise ValueError("input must have at least one dimension [..., D], got a scalar")
     if linear_weight.dim() != 2:
@@ -95,12 +104,13 @@ def check_arguments(
                 f"{name} is on {tensor.device} but input is on {input.device}; "
                 "all tensors must be on one device"
             )
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"softcap must be None or > 0, got {softcap}")
+    if options.reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {options.reduction!r}")
+    if not 0.0 <= options.label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {options.label_smoothing}")
+    if options.softcap is not None and not options.softcap > 0:
+        raise ValueError(f"softcap must be None or > 0, got {options.softcap}")
+    return resolve_filter_eps(options.filter_eps, input.dtype)
 
 
 def check_target_values(target: Tensor, vocab: int, ignore_index: int) -> None:

@@ -27,13 +27,12 @@ plain tensors; the loss replicated. Anything else is left alone with a reason
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor
 
 from cce_inductor import api, arguments, compat, patterns, vocab_parallel
-from cce_inductor.arguments import FilterEps
 
 
 def fused_loss(site: patterns.Site) -> tuple[Callable[..., Tensor], dict[str, Any]]:
@@ -122,16 +121,13 @@ def tensor_parallel_loss(
     vocab: int,
     linear_bias: Optional[Tensor] = None,
     weight: Optional[Tensor] = None,
-    reduction: str = "mean",
-    ignore_index: int = -100,
-    label_smoothing: float = 0.0,
-    softcap: Optional[float] = None,
-    filter_eps: FilterEps = "auto",
+    **options: Union[str, int, float, None],
 ) -> Tensor:
     """The loss of a tensor-parallel head, as a Replicate() DTensor: input a replicated DTensor
     `[..., D]`, linear_weight and linear_bias Shard(0) DTensors holding this rank's block
     `[start, start + V_local)` of the `vocab` classes, target and class weights replicated
-    (DTensors or plain tensors). The layout comes from `fused_loss`."""
+    (DTensors or plain tensors). The layout comes from `fused_loss`; `options` are those of
+    `arguments.LossOptions` (the rewrite passes them as to `api.linear_cross_entropy`)."""
     from torch.distributed.tensor import DTensor, Replicate
 
     local_weight = linear_weight.to_local()
@@ -139,15 +135,13 @@ def tensor_parallel_loss(
     local_bias = _local(linear_bias)
     class_weight = _local(weight)[block] if weight is not None else None
     local_input, local_target = input.to_local(), _local(target)
+    loss_options = arguments.LossOptions(**options)
     arguments.check_arguments(
-        local_input, local_weight, local_target, local_bias, class_weight, reduction,
-        label_smoothing, softcap,
+        local_input, local_weight, local_target, local_bias, class_weight, loss_options
     )
     loss = vocab_parallel.sharded_loss(
-        local_input, local_weight, local_target, group=group_name, start=start, vocab=vocab,
-        linear_bias=local_bias, weight=class_weight, reduction=reduction,
-        ignore_index=ignore_index, label_smoothing=label_smoothing, softcap=softcap,
-        filter_eps=arguments.resolve_filter_eps(filter_eps, local_input.dtype),
+        local_input, local_weight, local_target, local_bias, class_weight, loss_options,
+        group=group_name, start=start, vocab=vocab,
     )
     mesh = compat.real_device_mesh(linear_weight.device_mesh)
     return DTensor.from_local(loss, mesh, (Replicate(),), run_check=False)

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from cce_inductor import ops
+from cce_inductor.arguments import LossOptions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,11 +32,7 @@ class FlatProblem:
 
 
 def flatten(
-    input: Tensor,
-    target: Tensor,
-    class_weight: Optional[Tensor],
-    softcap: Optional[float],
-    label_smoothing: float,
+    input: Tensor, target: Tensor, class_weight: Optional[Tensor], options: LossOptions
 ) -> FlatProblem:
     return FlatProblem(
         leading=input.shape[:-1],
@@ -43,8 +40,8 @@ def flatten(
         target=target.reshape(-1),
         class_weight=class_weight.to(ops.stats_dtype(input.dtype))
         if class_weight is not None else None,
-        softcap=None if softcap is None else float(softcap),
-        label_smoothing=float(label_smoothing),
+        softcap=None if options.softcap is None else float(options.softcap),
+        label_smoothing=float(options.label_smoothing),
     )
 
 
@@ -86,19 +83,14 @@ def row_losses(
 
 
 def reduce_loss(
-    loss: Tensor,
-    denominator: Tensor,
-    lse: Tensor,
-    reduction: str,
-    leading: torch.Size,
-    return_lse: bool,
+    loss: Tensor, denominator: Tensor, lse: Tensor, leading: torch.Size, options: LossOptions
 ) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """The reduced loss from the per-row losses, and with `return_lse` the pair (loss, lse),
     both shaped by the input's leading dimensions."""
-    if reduction == "none":
+    if options.reduction == "none":
         loss = loss.reshape(leading)
-    elif reduction == "sum":
+    elif options.reduction == "sum":
         loss = loss.sum()
     else:
         loss = loss.sum() / denominator
-    return (loss, lse.reshape(leading)) if return_lse else loss
+    return (loss, lse.reshape(leading)) if options.return_lse else loss

@@ -56,7 +56,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from cce_inductor import arguments, compat, dispatch, losses, ops
-from cce_inductor.arguments import FilterEps
+from cce_inductor.arguments import LossOptions
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -66,20 +66,11 @@ _OK, _START, _SIZE, _ROWS, _HIDDEN = range(5)
 
 
 def vocab_parallel_loss(
-    input: Tensor,
-    linear_weight: Tensor,
-    target: Tensor,
+    input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: Optional[Tensor],
+    weight: Optional[Tensor], options: LossOptions,
     *,
     group: ProcessGroup,
     start_index: Optional[int] = None,
-    linear_bias: Optional[Tensor] = None,
-    weight: Optional[Tensor] = None,
-    reduction: str = "mean",
-    ignore_index: int = -100,
-    label_smoothing: float = 0.0,
-    softcap: Optional[float] = None,
-    filter_eps: FilterEps = "auto",
-    return_lse: bool = False,
 ) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """`linear_cross_entropy` with the classes sharded over `group` (see the module doc); the
     explicit API calls this for `vocab_parallel_group=group`.
@@ -87,58 +78,44 @@ def vocab_parallel_loss(
     Every rank of the group must call this with the same input, target and options.
     """
     try:
-        arguments.check_arguments(
-            input, linear_weight, target, linear_bias, weight, reduction, label_smoothing, softcap
-        )
-        eps = arguments.resolve_filter_eps(filter_eps, input.dtype)
+        arguments.check_arguments(input, linear_weight, target, linear_bias, weight, options)
         if start_index is not None and not (isinstance(start_index, int) and start_index >= 0):
             raise ValueError(f"vocab_start_index must be an int >= 0, got {start_index!r}")
         local_error = None
     except (ValueError, TypeError) as error:
         local_error = error
     start, vocab = _agree_on_layout(local_error, input, linear_weight, start_index, group)
-    return sharded_loss(
-        input, linear_weight, target, group=group, start=start, vocab=vocab,
-        linear_bias=linear_bias, weight=weight, reduction=reduction, ignore_index=ignore_index,
-        label_smoothing=label_smoothing, softcap=softcap, filter_eps=eps, return_lse=return_lse,
-    )
+    return sharded_loss(input, linear_weight, target, linear_bias, weight, options,
+                        group=group, start=start, vocab=vocab)
 
 
 def sharded_loss(
-    input: Tensor,
-    linear_weight: Tensor,
-    target: Tensor,
+    input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: Optional[Tensor],
+    weight: Optional[Tensor], options: LossOptions,
     *,
     group: Union[ProcessGroup, str],
     start: int,
     vocab: int,
-    linear_bias: Optional[Tensor],
-    weight: Optional[Tensor],
-    reduction: str,
-    ignore_index: int,
-    label_smoothing: float,
-    softcap: Optional[float],
-    filter_eps: Optional[float],
-    return_lse: bool = False,
 ) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """The loss on this rank's block [start, start + V_local) of `vocab` classes, for a layout
-    already known to tile [0, vocab) (the arguments checked, filter_eps resolved): no layout
-    collective, nothing read back to the host, so it traces into one graph. `group` is a process
-    group or its name."""
-    arguments.check_target_values(target, vocab, ignore_index)
-    rows = losses.flatten(input, target, weight, softcap, label_smoothing)
+    already known to tile [0, vocab) (the arguments checked): no layout collective, nothing
+    read back to the host, so it traces into one graph. `group` is a process group or its
+    name."""
+    arguments.check_target_values(target, vocab, options.ignore_index)
+    rows = losses.flatten(input, target, weight, options)
     lse, target_logit, logit_sum, class_weight_sums = _ShardedRowStatistics.apply(
         rows.input, linear_weight, linear_bias, rows.target - start, rows.class_weight,
-        rows.softcap, rows.label_smoothing > 0, filter_eps, group,
+        rows.softcap, rows.label_smoothing > 0,
+        arguments.resolve_filter_eps(options.filter_eps, input.dtype), group,
     )
     sharded_class_weight = (
         (class_weight_sums[:-1], class_weight_sums[-1]) if weight is not None else None
     )
     loss, denominator = losses.row_losses(
-        lse, target_logit, logit_sum, rows.target, None, ignore_index, rows.label_smoothing,
-        vocab, sharded_class_weight=sharded_class_weight,
+        lse, target_logit, logit_sum, rows.target, None, options.ignore_index,
+        rows.label_smoothing, vocab, sharded_class_weight=sharded_class_weight,
     )
-    return losses.reduce_loss(loss, denominator, lse, reduction, rows.leading, return_lse)
+    return losses.reduce_loss(loss, denominator, lse, rows.leading, options)
 
 
 def _agree_on_layout(

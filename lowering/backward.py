@@ -17,7 +17,7 @@ import torch
 
 from cce_inductor import compat, filter_stats
 from cce_inductor.lowering import common, configs, forward
-from cce_inductor.lowering.configs import FLOAT32, SIXTEEN_BIT, ConfigTable, Row, TileConfig
+from cce_inductor.lowering.configs import FLOAT32, SIXTEEN_BIT, ConfigTable, Row, tiles
 
 
 def _backward_grid(n, v, d, meta, *, cdiv):
@@ -29,56 +29,28 @@ def _owned_grid(n, v, d, meta, *, cdiv):
     return (owned, cdiv(d, meta["BLOCK_DO"]), 1)
 
 
-def _tile(block_n: int, block_v: int, block_d: int, num_warps: int, block_do: int = 0,
-          num_stages: int = 3) -> TileConfig:
-    """A backward tile, 3 pipeline stages by default."""
-    return TileConfig(block_n=block_n, block_v=block_v, block_d=block_d, num_warps=num_warps,
-                      num_stages=num_stages, block_do=block_do)
-
-
+# Tiles are named BLOCK_NxBLOCK_VxBLOCK_D[xBLOCK_DO]_w<warps>_s<stages> (configs.tiles).
 BACKWARD = common.Kernel(
-    name="backward",
-    sources=("cce_macros", "cce_backward", "cce_common"),
-    grid=_backward_grid,
+    name="backward", grid=_backward_grid,
     table=ConfigTable(
-        Row(widths=(SIXTEEN_BIT,), archs=(80,), configs=(
-            _tile(block_n=64, block_v=128, block_d=64, num_warps=8),
-            _tile(block_n=128, block_v=128, block_d=32, num_warps=8),
-            _tile(block_n=64, block_v=64, block_d=64, num_warps=4),
-            _tile(block_n=128, block_v=64, block_d=64, num_warps=8),
-        )),
-        Row(widths=(SIXTEEN_BIT,), archs=(90,), configs=(
-            _tile(block_n=128, block_v=128, block_d=64, num_warps=8),
-            _tile(block_n=64, block_v=128, block_d=64, num_warps=8),
-            _tile(block_n=128, block_v=64, block_d=64, num_warps=8),
-        )),
-        Row(widths=(FLOAT32,), archs=(80,), configs=(
-            _tile(block_n=32, block_v=64, block_d=32, num_warps=4),
-            _tile(block_n=32, block_v=32, block_d=32, num_warps=4),
-        )),
+        Row(widths=(SIXTEEN_BIT,), archs=(80,), configs=tiles(
+            "64x128x64_w8_s3", "128x128x32_w8_s3", "64x64x64_w4_s3", "128x64x64_w8_s3")),
+        Row(widths=(SIXTEEN_BIT,), archs=(90,), configs=tiles(
+            "128x128x64_w8_s3", "64x128x64_w8_s3", "128x64x64_w8_s3")),
+        Row(widths=(FLOAT32,), archs=(80,), configs=tiles("32x64x32_w4_s3", "32x32x32_w4_s3")),
         # 8 warps: with 4, the 32x64x32 tile spills 8 bytes on sm_90a.
-        Row(widths=(FLOAT32,), archs=(90,), configs=(
-            _tile(block_n=32, block_v=64, block_d=32, num_warps=8),
-            _tile(block_n=32, block_v=32, block_d=32, num_warps=4),
-        )),
+        Row(widths=(FLOAT32,), archs=(90,), configs=tiles("32x64x32_w8_s3", "32x32x32_w4_s3")),
     ),
 )
+# The deterministic backward owns BLOCK_DO columns of D per program.
 BACKWARD_OWNED = common.Kernel(
-    name="backward_owned",
-    sources=("cce_macros", "cce_backward_owned", "cce_common"),
-    grid=_owned_grid,
+    name="backward_owned", grid=_owned_grid,
     table=ConfigTable(
-        Row(widths=(SIXTEEN_BIT,), archs=(80,), configs=(
-            _tile(block_n=64, block_v=64, block_d=64, num_warps=4, block_do=128),
-            _tile(block_n=64, block_v=128, block_d=64, num_warps=8, block_do=128),
-        )),
-        Row(widths=(SIXTEEN_BIT,), archs=(90,), configs=(
-            _tile(block_n=64, block_v=64, block_d=64, num_warps=4, block_do=128),
-            _tile(block_n=128, block_v=64, block_d=64, num_warps=8, block_do=128),
-        )),
-        Row(widths=(FLOAT32,), configs=(
-            _tile(block_n=32, block_v=64, block_d=32, num_warps=4, block_do=32),
-        )),
+        Row(widths=(SIXTEEN_BIT,), archs=(80,), configs=tiles(
+            "64x64x64x128_w4_s3", "64x128x64x128_w8_s3")),
+        Row(widths=(SIXTEEN_BIT,), archs=(90,), configs=tiles(
+            "64x64x64x128_w4_s3", "128x64x64x128_w8_s3")),
+        Row(widths=(FLOAT32,), configs=tiles("32x64x32x32_w4_s3")),
     ),
 )
 KERNELS = (BACKWARD, BACKWARD_OWNED)

@@ -121,9 +121,11 @@ class Kernel:
     """One TritonTemplate: its jinja sources, launch grid and config table."""
 
     name: str  # "forward", ...: the key of configs.forced; the template is cce_<name>
-    sources: tuple[str, ...]  # templates/<source>.py.jinja, concatenated in this order
     grid: Callable[..., tuple]  # grid(*call_sizes, meta, *, cdiv, ...) on sympy sizes
     table: configs.ConfigTable
+    # templates/<source>.py.jinja, concatenated in this order; by default the shared macros,
+    # cce_<name> and the shared device functions.
+    sources: tuple[str, ...] = ()
 
     @property
     def template_name(self) -> str:
@@ -135,7 +137,8 @@ class Kernel:
         return configs.select(self.name, self.table, dtype, arch, all_configs)
 
     def source(self) -> str:
-        return "".join((TEMPLATE_DIR / f"{part}.py.jinja").read_text() for part in self.sources)
+        parts = self.sources or ("cce_macros", self.template_name, "cce_common")
+        return "".join((TEMPLATE_DIR / f"{part}.py.jinja").read_text() for part in parts)
 
     def template(self) -> Any:
         """The TritonTemplate (built on first use: building one imports Inductor's

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 from typing import Iterator, Union
 
 import torch
@@ -42,10 +43,30 @@ class TileConfig:
         return kw
 
     def name(self) -> str:
+        """BLOCK_NxBLOCK_VxBLOCK_D[xBLOCK_DO]_w<num_warps>_s<num_stages>[_waves<waves>], as the
+        GPU-readiness table shows it and the config tables are written (`tiles`)."""
         do = f"x{self.block_do}" if self.block_do else ""
         waves = f"_waves{self.waves}" if self.waves else ""
         return (f"{self.block_n}x{self.block_v}x{self.block_d}{do}"
                 f"_w{self.num_warps}_s{self.num_stages}{waves}")
+
+
+_TILE_NAME = re.compile(
+    r"(?P<block_n>\d+)x(?P<block_v>\d+)x(?P<block_d>\d+)(?:x(?P<block_do>\d+))?"
+    r"_w(?P<num_warps>\d+)_s(?P<num_stages>\d+)(?:_waves(?P<waves>\d+))?"
+)
+
+
+def tiles(*names: str) -> tuple[TileConfig, ...]:
+    """The tile configs of these names (see TileConfig.name), in order."""
+    configs = []
+    for name in names:
+        match = _TILE_NAME.fullmatch(name)
+        if match is None:
+            raise ValueError(f"not a tile config name: {name!r}")
+        configs.append(TileConfig(**{key: int(value) for key, value in match.groupdict().items()
+                                     if value is not None}))
+    return tuple(configs)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

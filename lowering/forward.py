@@ -20,7 +20,7 @@ import torch
 from cce_inductor import compat
 from cce_inductor.lowering import common, configs
 from cce_inductor.lowering.configs import (
-    FLOAT32, SIXTEEN_BIT, CombineConfig, ConfigTable, Row, TileConfig,
+    FLOAT32, SIXTEEN_BIT, CombineConfig, ConfigTable, Row, tiles,
 )
 
 
@@ -46,48 +46,26 @@ def _combine_grid(n, meta, *, cdiv):
     return (cdiv(n, meta["BLOCK_N"]), 1, 1)
 
 
-def _tile(block_n: int, block_v: int, block_d: int, num_warps: int, waves: int = 2,
-          num_stages: int = 3) -> TileConfig:
-    """A forward tile; by default split to about two waves of programs, 3 pipeline stages."""
-    return TileConfig(block_n=block_n, block_v=block_v, block_d=block_d, num_warps=num_warps,
-                      num_stages=num_stages, waves=waves)
-
-
+# Tiles are named BLOCK_NxBLOCK_VxBLOCK_D_w<warps>_s<stages>_waves<waves> (configs.tiles);
+# most split the vocabulary to about two waves of programs.
 FORWARD = common.Kernel(
-    name="forward",
-    sources=("cce_macros", "cce_forward", "cce_common"),
-    grid=_forward_grid,
+    name="forward", grid=_forward_grid,
     table=ConfigTable(
-        Row(widths=(SIXTEEN_BIT,), archs=(80,), configs=(
-            _tile(block_n=64, block_v=128, block_d=64, num_warps=4),
-            _tile(block_n=128, block_v=128, block_d=32, num_warps=8),
-            _tile(block_n=64, block_v=256, block_d=32, num_warps=8),
-            _tile(block_n=128, block_v=64, block_d=64, num_warps=4),
-            _tile(block_n=32, block_v=128, block_d=64, num_warps=4, num_stages=4),
-            _tile(block_n=64, block_v=128, block_d=64, num_warps=4, waves=4),
-            _tile(block_n=64, block_v=128, block_d=64, num_warps=4, waves=0),
-        )),
-        Row(widths=(SIXTEEN_BIT,), archs=(90,), configs=(
-            _tile(block_n=128, block_v=128, block_d=64, num_warps=8),
-            _tile(block_n=64, block_v=128, block_d=64, num_warps=4),
-            _tile(block_n=128, block_v=256, block_d=64, num_warps=8),
-            _tile(block_n=64, block_v=256, block_d=64, num_warps=8),
-            _tile(block_n=128, block_v=128, block_d=64, num_warps=8, waves=4),
-            _tile(block_n=128, block_v=128, block_d=64, num_warps=8, waves=0),
-        )),
-        Row(widths=(FLOAT32,), configs=(
-            _tile(block_n=64, block_v=64, block_d=32, num_warps=4),
-            _tile(block_n=64, block_v=128, block_d=32, num_warps=4),
-            _tile(block_n=128, block_v=64, block_d=32, num_warps=8),
-            _tile(block_n=64, block_v=64, block_d=32, num_warps=4, waves=0),
-        )),
+        Row(widths=(SIXTEEN_BIT,), archs=(80,), configs=tiles(
+            "64x128x64_w4_s3_waves2", "128x128x32_w8_s3_waves2", "64x256x32_w8_s3_waves2",
+            "128x64x64_w4_s3_waves2", "32x128x64_w4_s4_waves2", "64x128x64_w4_s3_waves4",
+            "64x128x64_w4_s3")),
+        Row(widths=(SIXTEEN_BIT,), archs=(90,), configs=tiles(
+            "128x128x64_w8_s3_waves2", "64x128x64_w4_s3_waves2", "128x256x64_w8_s3_waves2",
+            "64x256x64_w8_s3_waves2", "128x128x64_w8_s3_waves4", "128x128x64_w8_s3")),
+        Row(widths=(FLOAT32,), configs=tiles(
+            "64x64x32_w4_s3_waves2", "64x128x32_w4_s3_waves2", "128x64x32_w8_s3_waves2",
+            "64x64x32_w4_s3")),
     ),
 )
 # The combine reads a few floats per row and split: any small tile does.
 FORWARD_COMBINE = common.Kernel(
-    name="forward_combine",
-    sources=("cce_forward_combine",),
-    grid=_combine_grid,
+    name="forward_combine", grid=_combine_grid, sources=("cce_forward_combine",),
     table=ConfigTable(Row(configs=(CombineConfig(block_n=128, block_s=8, num_warps=4),))),
 )
 KERNELS = (FORWARD, FORWARD_COMBINE)
