@@ -41,35 +41,36 @@ def fused_loss(site: patterns.Site) -> tuple[Callable[..., Tensor], dict[str, An
     `tensor_parallel_loss` and the vocabulary layout for a tensor-parallel head.
     Raises NotASite for a DTensor layout it cannot handle."""
     values = {
-        "input": site.input, "weight": site.weight, "bias": site.bias, "target": site.target,
+        "input": site.input, "classifier": site.classifier, "bias": site.bias,
+        "target": site.target,
         "class weights": site.class_weight, "loss": site.loss,
     }
     values = {name: patterns.example_value(node) for name, node in values.items()}
     if not any(_is_dtensor(value) for value in values.values()):
         return api.linear_cross_entropy, {}
-    return tensor_parallel_loss, _vocab_layout(values, site.weight_is_transposed)
+    return tensor_parallel_loss, _vocab_layout(values, site.classifier_is_transposed)
 
 
-def _vocab_layout(values: dict[str, Any], weight_is_transposed: bool) -> dict[str, Any]:
+def _vocab_layout(values: dict[str, Any], classifier_is_transposed: bool) -> dict[str, Any]:
     from torch.distributed.tensor import Replicate, Shard
 
-    weight = values["weight"]
-    if not _is_dtensor(weight):
-        raise patterns.NotASite("dtensor_layout", "the classifier weight is not a DTensor")
-    mesh = weight.device_mesh
+    classifier = values["classifier"]
+    if not _is_dtensor(classifier):
+        raise patterns.NotASite("dtensor_layout", "the classifier is not a DTensor")
+    mesh = classifier.device_mesh
     if mesh.ndim != 1:
         raise patterns.NotASite(
-            "dtensor_mesh", f"the classifier weight lies on a {mesh.ndim}-D mesh; only 1-D "
+            "dtensor_mesh", f"the classifier lies on a {mesh.ndim}-D mesh; only 1-D "
             "meshes (one tensor-parallel group) are handled"
         )
-    vocab_dim = 1 if weight_is_transposed else 0
-    _require(values, "weight", (Shard(vocab_dim),), mesh)
+    vocab_dim = 1 if classifier_is_transposed else 0
+    _require(values, "classifier", (Shard(vocab_dim),), mesh)
     _require(values, "input", (Replicate(),), mesh)
     _require(values, "bias", (Shard(0),), mesh)
     _require(values, "loss", (Replicate(),), mesh)  # a DTensor, as the replacement returns
     for name in ("target", "class weights"):
         _require(values, name, (Replicate(),), mesh, plain=True)
-    vocab = weight.shape[vocab_dim]
+    vocab = classifier.shape[vocab_dim]
     real_mesh = compat.real_device_mesh(mesh)
     ranks = mesh.size(0)
     blocks = [compat.shard_block(vocab, ranks, rank) for rank in range(ranks)]

@@ -72,11 +72,11 @@ class Site:
     log_softmax: Optional[Node]    # the log_softmax feeding nll_loss
     head: Node                     # the linear / matmul node producing the logits
     input: Node                    # hidden states [..., D]
-    weight: Node                   # classifier [V, D], or [D, V] when weight_is_transposed
-    weight_is_transposed: bool     # weight holds the [D, V] matrix of `x @ M`
+    classifier: Node               # [V, D], or [D, V] when classifier_is_transposed
+    classifier_is_transposed: bool # classifier holds the [D, V] matrix of `x @ M`
     bias: Optional[Node]
     compute_dtype: torch.dtype     # the head's output dtype (differs from input's under autocast)
-    weight_view: Optional[Node]    # the W.T node feeding a matmul head, if any
+    classifier_view: Optional[Node]  # the W.T node feeding a matmul head, if any
     path: list[Node]               # nodes after the head up to the loss input, in graph order
     row_ops: list[Node]            # the reshapes and indexing in path, to apply to the input
     softcap: Optional[float]
@@ -159,14 +159,14 @@ def find_site(loss: Node) -> Site:
     head = node
     path.reverse()
     row_ops.reverse()
-    head_kind, input, weight, weight_view, bias = _read_head(head)
+    head_kind, input, classifier, classifier_view, bias = _read_head(head)
     patterns.add(head_kind)
     compute_dtype = example_value(head).dtype
-    _check_dtypes(input, weight, bias, compute_dtype)
+    _check_dtypes(input, classifier, bias, compute_dtype)
     return Site(
-        loss=loss, log_softmax=log_softmax, head=head, input=input, weight=weight,
-        weight_is_transposed=weight_view is None and head_kind == "matmul", bias=bias,
-        compute_dtype=compute_dtype, weight_view=weight_view, path=path, row_ops=row_ops,
+        loss=loss, log_softmax=log_softmax, head=head, input=input, classifier=classifier,
+        classifier_is_transposed=classifier_view is None and head_kind == "matmul", bias=bias,
+        compute_dtype=compute_dtype, classifier_view=classifier_view, path=path, row_ops=row_ops,
         softcap=softcap, patterns=patterns, **arguments,
     )
 
@@ -242,8 +242,9 @@ def _is_head(node: Any) -> bool:
 
 
 def _read_head(head: Node) -> tuple[str, Node, Node, Optional[Node], Optional[Node]]:
-    """(kind, input, weight, weight_view, bias) of a linear or matmul head: weight is [V, D],
-    or the [D, V] matrix of a matmul when that is not the transpose (weight_view) of one."""
+    """(kind, input, classifier, classifier_view, bias) of a linear or matmul head: the
+    classifier is [V, D], or the [D, V] matrix of a matmul when that is not the transpose
+    (classifier_view) of one."""
     if head.op == "call_function" and head.target in _LINEAR_FUNCTIONS:
         args = normalized(head)
         input, weight, bias = args["input"], args["weight"], args.get("bias")

@@ -153,7 +153,8 @@ def _replace(
     output = next(node for node in graph.nodes if node.op == "output")
     for node, empty in stand_ins.items():
         output.replace_input_with(node, empty)
-    for node in (site.loss, site.log_softmax, *reversed(site.path), site.head, site.weight_view):
+    replaced = (site.loss, site.log_softmax, *reversed(site.path), site.head, site.classifier_view)
+    for node in replaced:
         if node is not None and not node.users:
             graph.erase_node(node)
 
@@ -170,22 +171,22 @@ def _insert_fused(
     """Insert the fused loss before the loss node, and with drop_logits an empty stand-in for
     each escaping logits node; return the loss and {escaping node: stand-in}."""
     with graph.inserting_before(site.loss):
-        weight = new.call_function(torch.t, site.weight) if site.weight_is_transposed \
-            else site.weight
+        classifier = new.call_function(torch.t, site.classifier) if site.classifier_is_transposed \
+            else site.classifier
         # Under autocast the head ran on its inputs cast to the autocast dtype; so does the op.
-        input, weight, bias = (
+        input, classifier, bias = (
             new.cast(node, site.compute_dtype) if node is not None else None
-            for node in (site.input, weight, site.bias)
+            for node in (site.input, classifier, site.bias)
         )
         hidden_of = {site.head: input}
         hidden = input
         for node in site.path:
             if node in site.row_ops:
-                hidden = new.row_op(node, hidden, weight)
+                hidden = new.row_op(node, hidden, classifier)
             hidden_of[node] = hidden
         _check_rows(hidden, site.path[-1] if site.path else site.head)
         fused = new.call_function(
-            fused_loss, hidden, weight, site.target, **layout,
+            fused_loss, hidden, classifier, site.target, **layout,
             linear_bias=bias, weight=site.class_weight, reduction=site.reduction,
             ignore_index=site.ignore_index, label_smoothing=site.label_smoothing,
             softcap=site.softcap, filter_eps=options.filter_eps,
@@ -234,7 +235,7 @@ class _NodeFactory:
             return node
         return self.call_method("to", node, dtype)
 
-    def row_op(self, node: Node, hidden: Node, weight: Node) -> Node:
+    def row_op(self, node: Node, hidden: Node, classifier: Node) -> Node:
         """`node`, a reshape or indexing of the logits' leading dims, applied to `hidden`."""
         if node.target is operator.getitem:
             return self.call_function(operator.getitem, hidden, node.args[1])
@@ -246,9 +247,9 @@ class _NodeFactory:
             shape = tuple(shape[0])
         last = shape[-1]
         if not (isinstance(last, int) and last == -1):
-            hidden_size = patterns.example_value(weight).shape[1]
+            hidden_size = patterns.example_value(classifier).shape[1]
             last = hidden_size if isinstance(hidden_size, int) else \
-                self.call_method("size", weight, 1)
+                self.call_method("size", classifier, 1)
         return self.call_method("reshape", hidden, (*shape[:-1], last))
 
     def empty_rows(self, hidden: Node, dtype: torch.dtype) -> Node:

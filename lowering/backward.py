@@ -126,7 +126,8 @@ def lower_backward(
         """One template launch; `count`: this launch counts the filter tiles (once per tile)."""
         count = count and counting
         common.choose(
-            kernel, kernel.configs_for(dtype, arch, all_configs), inputs + outputs + [counts], marker,
+            kernel, kernel.configs_for(dtype, arch, all_configs), inputs + outputs + [counts],
+            marker,
             mutated=mutated + ([counts] if count else []), call_sizes=[n, v, d],
             input_gen_fns=gen_fns, COUNT_TILES=count, **constexprs, **extra,
         )
