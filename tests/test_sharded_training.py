@@ -75,7 +75,7 @@ class Setup:
 
 
 SETUPS = [
-    Setup("ddp_split_graph", "ddp", bias=True, softcap=20.0, label_smoothing=0.1,
+    Setup("ddp_split_graph", "ddp", optimizer="sgd", bias=True, softcap=20.0, label_smoothing=0.1,
           class_weight=True, width=SPLITTING_WIDTH),
     Setup("fsdp2", "fsdp2", optimizer="sgd", reduction="sum", bias=True, class_weight=True),
     # V = 97: blocks of 49 and 48 classes. Filtering: see test_filter_judges_the_global_softmax.
