@@ -118,13 +118,15 @@ def upstream_grad(shape: torch.Size, seed: int = 1) -> Tensor:
 
 
 def loss_and_grads(
-    fn: Callable[..., Tensor], inputs: dict[str, Optional[Tensor]], dtype: torch.dtype, **options
+    fn: Callable[..., Tensor], inputs: dict[str, Optional[Tensor]], dtype: torch.dtype, *,
+    frozen: tuple[str, ...] = (), **options
 ) -> dict[str, Tensor]:
     """Run `fn(input, linear_weight, target, linear_bias=, weight=, **options)` on copies of
-    `inputs` cast to `dtype`, backpropagate (a random upstream gradient for reduction='none'),
-    and return the loss and the gradients of input, linear_weight and linear_bias."""
+    `inputs` cast to `dtype` (on the inputs' device), backpropagate (a random upstream gradient
+    for reduction='none'), and return the loss and the gradients of input, linear_weight and
+    linear_bias, less those named in `frozen` (which take no gradient)."""
     leaves = {
-        name: inputs[name].detach().to(dtype).requires_grad_()
+        name: inputs[name].detach().to(dtype).requires_grad_(name not in frozen)
         for name in GRAD_NAMES if inputs[name] is not None
     }
     weight = inputs["weight"].to(dtype) if inputs["weight"] is not None else None
@@ -132,10 +134,10 @@ def loss_and_grads(
         leaves["input"], leaves["linear_weight"], inputs["target"],
         linear_bias=leaves.get("linear_bias"), weight=weight, **options,
     )
-    grad_output = upstream_grad(loss.shape).to(loss.dtype) if loss.dim() else None
+    grad_output = upstream_grad(loss.shape).to(loss.device, loss.dtype) if loss.dim() else None
     loss.backward(grad_output)
     result = {"loss": loss.detach()}
-    result.update({name: leaf.grad for name, leaf in leaves.items()})
+    result.update({name: leaf.grad for name, leaf in leaves.items() if name not in frozen})
     return result
 
 
@@ -189,15 +191,41 @@ def check_against_reference(
     dtype: torch.dtype,
     *,
     reference: Callable[..., Tensor] = torch_linear_cross_entropy,
+    frozen: tuple[str, ...] = (),
     **options,
 ) -> dict[str, Tensor]:
     """Loss and gradients of `ours` against `reference` in float64, under the tolerance rule
-    with `reference` in `dtype` as the baseline; returns ours."""
-    exact = loss_and_grads(reference, inputs, torch.float64, **options)
-    same_dtype = loss_and_grads(reference, inputs, dtype, **options)
-    result = loss_and_grads(ours, inputs, dtype, **options)
+    with `reference` in `dtype` as the baseline; returns ours. `frozen`: as in loss_and_grads."""
+    exact = loss_and_grads(reference, inputs, torch.float64, frozen=frozen, **options)
+    same_dtype = loss_and_grads(reference, inputs, dtype, frozen=frozen, **options)
+    result = loss_and_grads(ours, inputs, dtype, frozen=frozen, **options)
     assert_close_to_reference(
-        result, same_dtype, lambda: loss_and_grads(reference, inputs, torch.float32, **options),
+        result, same_dtype,
+        lambda: loss_and_grads(reference, inputs, torch.float32, frozen=frozen, **options),
         exact, dtype,
     )
     return result
+
+
+def peaked_inputs(dtype: torch.dtype, n: int = 64, v: int = 8192, d: int = 256, seed: int = 15
+                  ) -> dict[str, Optional[Tensor]]:
+    """Sparse softmax rows, as in trained language models: the mass sits on the target t and
+    its neighbour t ^ 1 (same filter block, p about 1/2 each), every 4th row also puts p about
+    1e-2 on a column u in another filter block, and the rest is below e^-12 (filter_eps 'auto'
+    for bf16 is 2^-12, about e^-8.3).
+
+    Logits z = -20 + 20 (c_t + c_t') . c_j (+ 16 c_u . c_j) with unit classifier rows c_j plus a
+    constant feature: the large values cancel inside the matmul, so the kept logits are O(1) and
+    bf16 rounds them finely; the tail logits are about N(-20, 1.8^2)."""
+    gen = torch.Generator().manual_seed(seed)
+    directions = torch.randn(v, d - 1, generator=gen)
+    directions /= directions.norm(dim=1, keepdim=True)
+    weight = torch.cat([torch.full((v, 1), -1.0), directions], dim=1)
+    target = torch.randint(0, v, (n,), generator=gen)
+    hidden = 20.0 * (directions[target] + directions[target ^ 1])
+    other = (target + 2048) % v  # 16 filter blocks away
+    hidden[::4] += 16.0 * directions[other[::4]]
+    input = torch.cat([torch.full((n, 1), 20.0), hidden], dim=1)
+    target[::7] = -100
+    return {"input": input.to(dtype), "linear_weight": weight.to(dtype), "linear_bias": None,
+            "weight": None, "target": target}

@@ -302,29 +302,6 @@ def test_all_ignored_mean_is_nan_with_zero_gradients(small_blocks):
 
 # ---------------------------------------------------------------- gradient filtering
 
-def _peaked_inputs(dtype: torch.dtype, n: int = 64, v: int = 8192, d: int = 256, seed: int = 15):
-    """Sparse softmax rows, as in trained language models: the mass sits on the target t and
-    its neighbour t ^ 1 (same filter block, p about 1/2 each), every 4th row also puts p about
-    1e-2 on a column u in another filter block, and the rest is below e^-12 (filter_eps 'auto'
-    for bf16 is 2^-12, about e^-8.3).
-
-    Logits z = -20 + 20 (c_t + c_t') . c_j (+ 16 c_u . c_j) with unit classifier rows c_j plus a
-    constant feature: the large values cancel inside the matmul, so the kept logits are O(1) and
-    bf16 rounds them finely; the tail logits are about N(-20, 1.8^2)."""
-    gen = torch.Generator().manual_seed(seed)
-    directions = torch.randn(v, d - 1, generator=gen)
-    directions /= directions.norm(dim=1, keepdim=True)
-    weight = torch.cat([torch.full((v, 1), -1.0), directions], dim=1)
-    target = torch.randint(0, v, (n,), generator=gen)
-    hidden = 20.0 * (directions[target] + directions[target ^ 1])
-    other = (target + 2048) % v  # 16 filter blocks away
-    hidden[::4] += 16.0 * directions[other[::4]]
-    input = torch.cat([torch.full((n, 1), 20.0), hidden], dim=1)
-    target[::7] = -100
-    return {"input": input.to(dtype), "linear_weight": weight.to(dtype), "linear_bias": None,
-            "weight": None, "target": target}
-
-
 @pytest.fixture
 def filter_blocks(monkeypatch):
     # 4 token blocks x 32 vocab tiles x 2 filter blocks: a token block's 16 rows need at most
@@ -335,7 +312,7 @@ def filter_blocks(monkeypatch):
 
 
 def test_filter_skips_most_blocks_of_peaked_rows(filter_blocks):
-    inputs = _peaked_inputs(torch.bfloat16)
+    inputs = reference.peaked_inputs(torch.bfloat16)
     with filter_stats.collect() as stats:
         reference.check_against_reference(
             functools.partial(cce_inductor.linear_cross_entropy, filter_eps="auto"),
@@ -353,7 +330,7 @@ def test_filter_skips_most_blocks_of_peaked_rows(filter_blocks):
 
 
 def test_filter_off_skips_nothing(filter_blocks):
-    inputs = _peaked_inputs(torch.bfloat16)
+    inputs = reference.peaked_inputs(torch.bfloat16)
     for filter_eps in (None, 0.0):
         with filter_stats.collect() as stats:
             reference.loss_and_grads(cce_inductor.linear_cross_entropy, inputs, torch.bfloat16,
@@ -364,7 +341,7 @@ def test_filter_off_skips_nothing(filter_blocks):
 def test_filter_auto_is_off_for_float32(filter_blocks):
     assert arguments.resolve_filter_eps("auto", torch.float32) is None
     assert arguments.resolve_filter_eps("auto", torch.bfloat16) == 2.0**-12
-    inputs = _peaked_inputs(torch.float32)
+    inputs = reference.peaked_inputs(torch.float32)
     with filter_stats.collect() as stats:
         reference.loss_and_grads(cce_inductor.linear_cross_entropy, inputs, torch.float32)
     assert stats.skipped == 0, stats
@@ -377,7 +354,7 @@ def test_filter_auto_is_off_for_float32(filter_blocks):
 
 def test_filter_never_skips_with_label_smoothing(filter_blocks):
     """Label smoothing makes every dz entry non-negligible."""
-    inputs = _peaked_inputs(torch.bfloat16)
+    inputs = reference.peaked_inputs(torch.bfloat16)
     with filter_stats.collect() as stats:
         reference.loss_and_grads(cce_inductor.linear_cross_entropy, inputs, torch.bfloat16,
                                  label_smoothing=0.1)

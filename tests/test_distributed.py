@@ -8,12 +8,10 @@ rank's classifier-row gradients against the matching rows of the reference gradi
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import functools
 import os
-import zlib
-from typing import Any, Optional
+from typing import Any
 
 import pytest
 import torch
@@ -23,42 +21,9 @@ import cce_inductor
 import ranks
 import reference
 from cce_inductor import compat, filter_stats
-
-WORLD = 2
-N, D = 48, 24
-Z_LOSS = 1e-2  # weight of the lse**2 term of the return_lse case
-
-# name -> (V, [(start, size) per rank], whether the ranks pass vocab_start_index)
-LAYOUTS = {
-    "even": (1000, [(0, 500), (500, 500)], False),
-    "uneven": (1001, [(0, 600), (600, 401)], False),
-    "swapped": (1001, [(401, 600), (0, 401)], True),  # rank 0 holds the upper block
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class Case:
-    name: str
-    dtype: torch.dtype = torch.float64
-    layout: str = "uneven"
-    reduction: str = "mean"
-    bias: bool = False
-    class_weight: bool = False
-    label_smoothing: float = 0.0
-    softcap: Optional[float] = None
-    ignored: str = "some"
-    ignore_index: int = -100
-    filter_eps: Any = None
-    leading: tuple[int, ...] = (N,)  # input is [*leading, D]
-    z_loss: bool = False  # add Z_LOSS * lse**2 through return_lse
-    frozen_input: bool = False  # input takes no gradient (no dE all-reduce)
-
-    def options(self) -> dict[str, Any]:
-        return dict(
-            reduction=self.reduction, ignore_index=self.ignore_index,
-            label_smoothing=self.label_smoothing, softcap=self.softcap,
-        )
-
+from vocab_parallel_cases import (
+    D, LAYOUTS, WORLD, Case, N, check_against_single_process, make_inputs, vocab_parallel_loss,
+)
 
 CASES = [
     Case("mean"),
@@ -76,61 +41,6 @@ CASES = [
          label_smoothing=0.1, class_weight=True),
     Case("bf16_filtered", dtype=torch.bfloat16, filter_eps="auto"),
 ]
-
-
-def make_inputs(case: Case) -> dict[str, Optional[torch.Tensor]]:
-    vocab = LAYOUTS[case.layout][0]
-    inputs = reference.make_inputs(
-        N, vocab, D, case.dtype, bias=case.bias, class_weight=case.class_weight,
-        ignored=case.ignored, ignore_index=case.ignore_index, seed=zlib.crc32(case.name.encode()),
-    )
-    if case.ignored != "all":
-        # Both sides of every block boundary, the ends of the vocabulary, and ignore_index.
-        edges = [0, 7, 400, 401, 499, 500, 599, 600, vocab - 1]
-        inputs["target"][: len(edges)] = torch.tensor(edges)
-    inputs["input"] = inputs["input"].reshape(*case.leading, D)
-    inputs["target"] = inputs["target"].reshape(case.leading)
-    return inputs
-
-
-def _reference_loss(case: Case):
-    """The float64 reference of what `_vocab_parallel_loss` computes."""
-
-    def loss(input, linear_weight, target, *, linear_bias=None, weight=None, **options):
-        value = reference.torch_linear_cross_entropy(
-            input, linear_weight, target, linear_bias=linear_bias, weight=weight, **options
-        )
-        if case.z_loss:
-            logits = reference.softcapped_logits(
-                input, linear_weight, linear_bias, options["softcap"]
-            )
-            value = value + Z_LOSS * torch.logsumexp(logits, -1).square()
-        return value
-
-    return loss
-
-
-def _vocab_parallel_loss(case: Case, group, start: int, size: int):
-    """The case's loss on this rank's block [start, start + size) of the classes."""
-    explicit_start = LAYOUTS[case.layout][2]
-
-    def loss(input, linear_weight, target, *, linear_bias=None, weight=None, **options):
-        block = slice(start, start + size)
-        result = cce_inductor.linear_cross_entropy(
-            input.detach() if case.frozen_input else input,
-            linear_weight[block], target,
-            linear_bias=linear_bias[block] if linear_bias is not None else None,
-            weight=weight[block] if weight is not None else None,
-            filter_eps=case.filter_eps, return_lse=case.z_loss,
-            vocab_parallel_group=group, vocab_start_index=start if explicit_start else None,
-            **options,
-        )
-        if case.z_loss:
-            value, lse = result
-            return value + Z_LOSS * lse.square()
-        return result
-
-    return loss
 
 
 # --- the worker processes -----------------------------------------------------------------
@@ -156,7 +66,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 def _run_case(case: Case, rank: int, group) -> dict[str, torch.Tensor]:
     start, size = LAYOUTS[case.layout][1][rank]
     result = reference.loss_and_grads(
-        _vocab_parallel_loss(case, group, start, size), make_inputs(case), case.dtype,
+        vocab_parallel_loss(case, group, start, size), make_inputs(case), case.dtype,
         **case.options(),
     )
     return {name: value for name, value in result.items() if value is not None}
@@ -173,7 +83,7 @@ def _run_far_block_filter(rank: int, group) -> list[int]:
     start, size = LAYOUTS[case.layout][1][rank]
     with filter_stats.collect() as stats:
         result = reference.loss_and_grads(
-            _vocab_parallel_loss(case, group, start, size), inputs, case.dtype, **case.options()
+            vocab_parallel_loss(case, group, start, size), inputs, case.dtype, **case.options()
         )
     return [stats.skipped, stats.total, result["linear_weight"].abs().max().item()]
 
@@ -204,7 +114,7 @@ def _run_traffic(rank: int, group) -> dict[str, list[tuple]]:
             calls.clear()
             start, size = LAYOUTS[case.layout][1][rank]
             reference.loss_and_grads(
-                _vocab_parallel_loss(case, group, start, size), make_inputs(case), case.dtype,
+                vocab_parallel_loss(case, group, start, size), make_inputs(case), case.dtype,
                 **case.options(),
             )
             traffic[case.name] = list(calls)
@@ -254,54 +164,9 @@ def rank_results(tmp_path_factory) -> list[dict[str, Any]]:
     return ranks.spawn_ranks(_worker, tmp_path_factory.mktemp("vocab_parallel"), WORLD)
 
 
-def _assemble(case: Case, per_rank: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """The whole result: loss and input gradient from rank 0 (after checking every rank has
-    exactly the same), classifier-row gradients put together from the blocks. (Each rank's
-    gradient is on the whole classifier, which it sliced: zero outside its block.)"""
-    _, blocks, _ = LAYOUTS[case.layout]
-    result = {}
-    for name in ("loss", "input"):
-        if name in per_rank[0]:
-            for other in per_rank[1:]:
-                torch.testing.assert_close(  # bit-identical on every rank
-                    other[name], per_rank[0][name], rtol=0, atol=0, equal_nan=True,
-                    msg=lambda message: f"{name} differs across ranks: {message}",
-                )
-            result[name] = per_rank[0][name]
-    for name in ("linear_weight", "linear_bias"):
-        if name in per_rank[0]:
-            whole = torch.zeros_like(per_rank[0][name])
-            for (start, size), rank_result in zip(blocks, per_rank):
-                block = rank_result[name][start:start + size]
-                assert torch.count_nonzero(rank_result[name]) == torch.count_nonzero(block)
-                whole[start:start + size] = block
-            result[name] = whole
-    return result
-
-
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
 def test_matches_single_process_reference(rank_results, case):
-    ours = _assemble(case, [results[case.name] for results in rank_results])
-    inputs = make_inputs(case)
-    loss = _reference_loss(case)
-    exact = reference.loss_and_grads(loss, inputs, torch.float64, **case.options())
-    if case.frozen_input:
-        assert "input" not in ours
-        del exact["input"]
-    if case.dtype == torch.float64:
-        # Same math in the same precision, summed in another order.
-        for name, expected in exact.items():
-            assert torch.equal(torch.isnan(ours[name]), torch.isnan(expected)), name
-            error = reference.relative_error(ours[name], expected)
-            assert error <= 1e-12, f"{name}: relative error {error:.3g}"
-    else:
-        same_dtype = reference.loss_and_grads(loss, inputs, case.dtype, **case.options())
-        same_dtype = {name: same_dtype[name] for name in exact}
-        reference.assert_close_to_reference(
-            ours, same_dtype,
-            lambda: reference.loss_and_grads(loss, inputs, torch.float32, **case.options()),
-            exact, case.dtype,
-        )
+    check_against_single_process(case, [results[case.name] for results in rank_results])
 
 
 def test_filter_judges_the_global_softmax(rank_results):

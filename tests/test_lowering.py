@@ -11,17 +11,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import math
 import re
 
 import pytest
 import torch
 
 import cce_inductor
+import generated_code
 import reference
 from cce_inductor import compat, filter_stats
 from cce_inductor.lowering import backward, configs, forward
 from cce_inductor.tools import interpreter
+from generated_code import allocated_shapes, forward_launches, kernel_calls
 
 # N*V = 1680 is neither N*D = 960 nor V*D = 2800; V and D are no multiples of any block size.
 N, D, V = 24, 40, 70
@@ -30,44 +31,11 @@ N, D, V = 24, 40, 70
 pytestmark = pytest.mark.usefixtures("fresh_compile")
 
 
+assert_fused = functools.partial(generated_code.assert_fused, n=N, v=V, d=D)
+
+
 def compiled_api(dynamic: bool = False):
     return torch.compile(cce_inductor.linear_cross_entropy, backend="inductor", dynamic=dynamic)
-
-
-def kernel_calls(codes: list[str]) -> list[str]:
-    """Names of the kernels and extern ops the generated wrappers launch."""
-    calls = []
-    for code in codes:
-        calls += re.findall(r"\b(triton_\w+)\.run\(", code)
-        calls += re.findall(r"\b(torch\.ops\.\w+\.\w+)\.default\(", code)
-        calls += re.findall(r"\b(extern_kernels\.\w+)\(", code)
-    return calls
-
-
-def allocated_shapes(codes: list[str]) -> list[str]:
-    """The size tuple (source text) of every buffer the generated wrappers allocate."""
-    shapes = []
-    for code in codes:
-        for match in re.finditer(r"empty_strided_\w+\(\(", code):
-            depth, end = 1, match.end()
-            while depth:  # sizes of dynamic shapes hold parenthesized expressions
-                depth += {"(": 1, ")": -1}.get(code[end], 0)
-                end += 1
-            shapes.append(code[match.end():end - 1])
-    return shapes
-
-
-def allocated_numels(codes: list[str], rows: int = N, hidden: int = D) -> list[int]:
-    """Element counts of every buffer the generated wrappers allocate. With dynamic shapes a
-    symbol that is the sole size of a 1-D buffer is the row count (the row statistics are
-    [N]); any other symbol is the hidden size (in these tests V stays static)."""
-    shapes = allocated_shapes(codes)
-    row_symbols = {shape.strip(", ") for shape in shapes if re.fullmatch(r"\s*s\d+,\s*", shape)}
-    values = {symbol: rows if symbol in row_symbols else hidden
-              for shape in shapes for symbol in re.findall(r"\bs\d+\b", shape)}
-    sizes = (shape.rstrip(", ") for shape in shapes)
-    return [math.prod(eval(f"({size},)", {"min": min, "max": max}, values)) if size else 1
-            for size in sizes]
 
 
 def run_compiled(dtype, options, *, n=N, v=V, d=D, bias=False, class_weight=False,
@@ -79,33 +47,6 @@ def run_compiled(dtype, options, *, n=N, v=V, d=D, bias=False, class_weight=Fals
             reference.check_against_reference, compiled_api(dynamic), inputs, dtype, **options
         )
     return codes
-
-
-def kernel_sources(codes: list[str]) -> dict[str, str]:
-    """Source of every Triton kernel the generated wrappers define, by kernel name."""
-    pattern = re.compile(r"async_compile\.triton\('(\w+)', '''(.*?)'''", re.S)
-    return {name: src for code in codes for name, src in pattern.findall(code)}
-
-
-def forward_launches(codes: list[str]) -> list[tuple[int, int]]:
-    """(row blocks, vocabulary splits) of each launch of the forward's first pass (static
-    shapes: the wrapper passes the grid as integers)."""
-    names = [name for name, src in kernel_sources(codes).items()
-             if "arg_PARTIALS" in src and "arg_E" in src]
-    assert names, "no forward kernel found"
-    return [(int(rows), int(splits)) for code in codes for name in names
-            for rows, splits in re.findall(rf"\b{name}\.run\(.*?(\d+), (\d+), 1, stream", code)]
-
-
-def assert_fused(codes: list[str], n=N, v=V, d=D) -> None:
-    calls = kernel_calls(codes)
-    assert any(c.startswith("triton_tem_fused_linear_cross_entropy_fwd") for c in calls), calls
-    assert any(c.startswith("triton_tem_") and "linear_cross_entropy_bwd" in c for c in calls), calls
-    assert not any("linear_cross_entropy" in c for c in calls if c.startswith("torch.ops")), calls
-    assert not any(c.startswith("extern_kernels") for c in calls), calls
-    numels = allocated_numels(codes, rows=n, hidden=d)
-    assert numels, "no allocation found: the wrapper format changed"
-    assert n * v not in numels and max(numels) <= max(n * d, v * d), numels
 
 
 CASES = {
@@ -265,7 +206,7 @@ def test_frozen_head_does_no_weight_gradient_work():
 
     with interpreter.interpreted():
         ours, codes = compat.run_and_get_code(input_grad, compiled_api(), torch.float32)
-    assert V * D not in allocated_numels(codes)
+    assert V * D not in generated_code.allocated_numels(codes, N, D)
     assert "NEED_DC : tl.constexpr = False" in "".join(codes)
     assert any("linear_cross_entropy_bwd" in c for c in kernel_calls(codes))
     reference.assert_close_to_reference(
