@@ -220,6 +220,25 @@ def autotune_select(name: str, choices, input_nodes, layout, input_gen_fns):
     return result[0] if isinstance(result, tuple) else result
 
 
+@contextlib.contextmanager
+def autotune_timings() -> Iterator[dict[str, list[float]]]:
+    """Within the block, the benchmark timings Inductor's autotuner takes: the name of each
+    autotuned op (e.g. "cce_forward") -> one timing per choice it benchmarked, in ms."""
+    from torch._inductor.select_algorithm import get_algorithm_selector_cache
+
+    timings: dict[str, list[float]] = {}
+
+    def save(choice_timings, name, *_):
+        timings.setdefault(name, []).extend(float(t) for t in choice_timings.values())
+
+    savers = get_algorithm_selector_cache().feedback_saver_fns
+    savers.append(save)
+    try:
+        yield timings
+    finally:
+        savers.remove(save)
+
+
 def max_autotune_enabled() -> bool:
     import torch._inductor.config as inductor_config
 

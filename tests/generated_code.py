@@ -60,12 +60,17 @@ def forward_launches(codes: list[str]) -> list[tuple[int, int]]:
             for rows, splits in re.findall(rf"\b{name}\.run\(.*?(\d+), (\d+), 1, stream", code)]
 
 
+def assert_templates_launched(calls: list[str]) -> None:
+    """`calls` (kernel_calls of some wrappers) hold the CCE forward and backward templates."""
+    assert any(c.startswith("triton_tem_fused_linear_cross_entropy_fwd") for c in calls), calls
+    assert any(c.startswith("triton_tem_") and "linear_cross_entropy_bwd" in c for c in calls), calls
+
+
 def assert_fused(codes: list[str], n: int, v: int, d: int) -> None:
     """The wrappers launch the CCE forward and backward templates (no eager op, no extern
     matmul), and allocate no buffer of N * V elements nor any larger than the inputs."""
     calls = kernel_calls(codes)
-    assert any(c.startswith("triton_tem_fused_linear_cross_entropy_fwd") for c in calls), calls
-    assert any(c.startswith("triton_tem_") and "linear_cross_entropy_bwd" in c for c in calls), calls
+    assert_templates_launched(calls)
     assert not any("linear_cross_entropy" in c for c in calls if c.startswith("torch.ops")), calls
     assert not any(c.startswith("extern_kernels") for c in calls), calls
     numels = allocated_numels(codes, rows=n, hidden=d)
