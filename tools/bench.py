@@ -8,7 +8,11 @@ Each implementation runs in its own process (compile caches and memory peaks sta
 same inputs, saved once. Per implementation and mode: median time over repetitions after
 warmup, peak memory beyond the inputs (gradients included), and the relative L2 error of the
 loss and of both gradients against a float64 reference computed once. For cce-inductor also the
-fraction of backward filter tiles skipped. Inputs are synthetic: targets uniform over the
+fraction of backward filter tiles skipped. The gradients are compared on a sub-block (the
+first ERROR_ROWS rows of grad_input, the first ERROR_CLASSES rows of grad_weight), so that no
+full-size gradient has to travel between processes. Timing uses CUDA events on a GPU, the wall
+clock on a CPU; with --interpret-templates (a CPU, testing) cce-inductor's Triton templates run
+under Triton's interpreter. Inputs are synthetic: targets uniform over the
 vocabulary, hidden states leaning towards their target's classifier row, so that the softmax is
 peaked as in a trained model (a loss near 1); how many tiles filtering skips depends on data.
 """
@@ -33,6 +37,7 @@ from tabulate import tabulate
 
 from cce_inductor import compat, filter_stats
 from cce_inductor.tools import measure
+from cce_inductor.tools.interpreter import triton_on_cpu
 from cce_inductor.tools.presets import DTYPES, PRESETS, Shape, resolve
 
 MODES = ("loss", "loss+grad")
@@ -41,6 +46,10 @@ LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 # How strongly each hidden state leans towards its target's classifier row (logit units).
 TARGET_PULL = 10.0
 REFERENCE_ROWS = 1024  # rows of fp64 logits the reference holds at a time
+ERROR_ROWS = 1024  # grad_input is compared on its first rows ...
+ERROR_CLASSES = 4096  # ... and grad_weight on its first classes
+# With --time-limit, an implementation is not started with fewer seconds than this left.
+MIN_START_SECONDS = 10.0
 
 
 def _torch_reference(hidden: torch.Tensor, classifier: torch.Tensor, target: torch.Tensor):
@@ -53,6 +62,8 @@ class Implementation:
     build: Callable[[torch.device], LossFn]
     unavailable: Callable[[torch.device], Optional[str]] = lambda device: None
     counts_filter_tiles: bool = False
+    # Runs cce-inductor's Triton templates (on a CPU: through the interpreter, when asked).
+    triton_templates: bool = False
     # Held while the implementation runs (its compilation happens at the first calls).
     config: Callable[[], ContextManager[Any]] = contextlib.nullcontext
 
@@ -128,8 +139,10 @@ IMPLEMENTATIONS = (
     Implementation("torch F.linear_cross_entropy chunked", _torch_chunked, _torch_chunked_missing),
     Implementation("cut-cross-entropy", _apple, _apple_missing),
     Implementation("liger fused linear CE", _liger, _liger_missing),
-    Implementation("cce-inductor API", _cce_api, counts_filter_tiles=True),
-    Implementation('cce-inductor backend="cce"', _cce_backend, counts_filter_tiles=True),
+    Implementation("cce-inductor API", _cce_api, counts_filter_tiles=True,
+                   triton_templates=True),
+    Implementation('cce-inductor backend="cce"', _cce_backend, counts_filter_tiles=True,
+                   triton_templates=True),
 )
 
 
@@ -157,8 +170,17 @@ def make_inputs(shape: Shape, seed: int) -> dict[str, torch.Tensor]:
     return {"hidden": hidden.to(dtype), "classifier": classifier.to(dtype), "target": target}
 
 
+def gradient_blocks(
+    grad_input: torch.Tensor, grad_weight: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """The sub-blocks of the gradients that the errors are measured on, on the CPU."""
+    return {"grad_input": grad_input[:ERROR_ROWS].cpu(),
+            "grad_weight": grad_weight[:ERROR_CLASSES].cpu()}
+
+
 def reference(inputs: dict[str, torch.Tensor], device: torch.device) -> dict[str, Any]:
-    """float64 loss and gradients of linear -> cross_entropy (mean), a block of rows at a time."""
+    """float64 loss and gradient sub-blocks of linear -> cross_entropy (mean), computed a block
+    of rows at a time (never [N, V] float64 logits at once)."""
     hidden = inputs["hidden"].to(device, torch.float64)
     classifier = inputs["classifier"].to(device, torch.float64).requires_grad_(True)
     target = inputs["target"].to(device)
@@ -173,7 +195,7 @@ def reference(inputs: dict[str, torch.Tensor], device: torch.device) -> dict[str
         part.backward()
         grad_hidden[start:start + REFERENCE_ROWS] = rows.grad
         loss += part.item()
-    return {"loss": loss, "grad_input": grad_hidden.cpu(), "grad_weight": classifier.grad.cpu()}
+    return {"loss": loss, **gradient_blocks(grad_hidden, classifier.grad)}
 
 
 def relative_error(value: torch.Tensor, expected: torch.Tensor) -> float:
@@ -232,10 +254,7 @@ def _measure_mode(
         "peak_bytes": peak, "loss": loss.double().item(),
     }
     if with_grad:
-        torch.save(
-            {"grad_input": hidden.grad.cpu(), "grad_weight": classifier.grad.cpu()},
-            payload["gradients_path"],
-        )
+        torch.save(gradient_blocks(hidden.grad, classifier.grad), payload["gradients_path"])
     print(
         f"    {label} {mode}: first call {first_call:.1f} s, median {seconds * 1e3:.1f} ms, "
         f"peak {measure.megabytes(peak)} MB",
@@ -244,15 +263,28 @@ def _measure_mode(
     return result
 
 
+def _running(impl: Implementation, device: torch.device,
+             interpret_templates: bool) -> ContextManager[Any]:
+    """What an implementation runs under: its config, and for cce-inductor on a CPU with
+    --interpret-templates, Triton's interpreter."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(impl.config())
+    stack.enter_context(triton_on_cpu(
+        interpret_templates and impl.triton_templates and device.type == "cpu"))
+    return stack
+
+
 def _filter_tiles(
-    impl: Implementation, inputs: dict[str, torch.Tensor], device: torch.device
+    impl: Implementation, inputs: dict[str, torch.Tensor], device: torch.device,
+    interpret_templates: bool,
 ) -> list[int]:
     """[skipped, total] backward filter tiles of one loss+grad run. Compiled kernels count
     only when lowered with counting on (it costs atomics and a sync), so this run compiles
     afresh, after the timed ones."""
     hidden, classifier, target = _device_inputs(inputs, device, with_grad=True)
     torch.compiler.reset()
-    with filter_stats.counting(), impl.config(), filter_stats.collect() as stats:
+    with filter_stats.counting(), _running(impl, device, interpret_templates), \
+            filter_stats.collect() as stats:
         impl.build(device)(hidden, classifier, target).backward()
     return [stats.skipped, stats.total]
 
@@ -268,7 +300,7 @@ def worker(payload: dict[str, Any]) -> dict[str, Any]:
     label = display_name(impl, device)
     compat.dynamo_counters()["cce"].clear()
     torch.compiler.reset()
-    with impl.config():
+    with _running(impl, device, payload["interpret_templates"]):
         loss_fn = impl.build(device)
         modes = [
             _measure_mode(loss_fn, inputs, mode, device, payload, label)
@@ -276,7 +308,7 @@ def worker(payload: dict[str, Any]) -> dict[str, Any]:
         ]
     if impl.counts_filter_tiles and "loss+grad" in payload["modes"]:
         modes[payload["modes"].index("loss+grad")]["filter_tiles"] = _filter_tiles(
-            impl, inputs, device
+            impl, inputs, device, payload["interpret_templates"]
         )
     # The graph pass's decisions (empty for implementations that do not use it).
     return {"modes": modes, "rewrites": dict(compat.dynamo_counters()["cce"])}
@@ -322,6 +354,17 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
     )
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per implementation")
     parser.add_argument(
+        "--time-limit", type=float, metavar="SECONDS",
+        help="for the whole run: implementations that would start with less than "
+        f"{MIN_START_SECONDS:.0f} s of it left are reported as not run, and no worker runs past "
+        "it (their results are reported as far as they got)",
+    )
+    parser.add_argument(
+        "--interpret-templates", action="store_true",
+        help="on a CPU, run cce-inductor's Triton templates under Triton's interpreter (a test "
+        "of the GPU code path at tiny shapes: its timings mean nothing)",
+    )
+    parser.add_argument(
         "--same-process", action="store_true",
         help="run every implementation in this process (quicker to start; but then compile "
         "caches and allocator state of one implementation may affect the next)",
@@ -332,6 +375,8 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
         "shape (read from Inductor's generated code; see cce_inductor.tools.memory_report)",
     )
     args = parser.parse_args(argv)
+    if args.interpret_templates and args.device != "cpu":
+        parser.error("--interpret-templates is for --device cpu (a GPU runs the templates)")
     known = {impl.name for impl in IMPLEMENTATIONS}
     for name in args.impl or ():
         if name not in known:
@@ -417,10 +462,11 @@ def write_png(results: list[dict[str, Any]], title: str, path: str) -> Optional[
     return None
 
 
-def _run(payload: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    """One implementation's measurements, in a process of its own unless --same-process."""
+def _run(payload: dict[str, Any], args: argparse.Namespace, timeout: float) -> dict[str, Any]:
+    """One implementation's measurements, in a process of its own unless --same-process (then
+    nothing stops it at `timeout`)."""
     if not args.same_process:
-        return measure.run_worker("cce_inductor.tools.bench", payload, args.timeout)
+        return measure.run_worker("cce_inductor.tools.bench", payload, timeout)
     try:
         return worker(payload)
     except Exception as error:  # reported in the table like a failed worker process
@@ -464,9 +510,17 @@ def main(argv: Optional[list[str]] = None) -> int:
             "budget_seconds": args.budget,
             "reference_path": os.path.join(folder, "reference.pt"),
             "gradients_path": os.path.join(folder, "gradients.pt"),
+            "interpret_templates": args.interpret_templates,
         }
+        deadline = None if args.time_limit is None else started + args.time_limit
+
+        def timeout() -> float:
+            if deadline is None:
+                return args.timeout
+            return min(args.timeout, deadline - time.perf_counter())
+
         print("  float64 reference", flush=True)
-        outcome = _run(dict(common, implementation="float64 reference"), args)
+        outcome = _run(dict(common, implementation="float64 reference"), args, timeout())
         if "error" in outcome:
             print(f"the float64 reference failed: {outcome['error']}", file=sys.stderr)
             return 1
@@ -475,11 +529,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         for impl in selected:
             reason = impl.unavailable(device)
             name = display_name(impl, device)
+            if not reason and timeout() < MIN_START_SECONDS:
+                reason = f"not started: the --time-limit of {args.time_limit:.0f} s was spent"
             if reason:
                 skipped.append([name, reason])
                 continue
             print(f"  {name}", flush=True)
-            outcome = _run(dict(common, implementation=impl.name), args)
+            outcome = _run(dict(common, implementation=impl.name), args, timeout())
             if "error" in outcome:
                 results.append({"implementation": name, "error": outcome["error"]})
                 continue
@@ -505,6 +561,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"graph pass of {name}: {described}")
     for name, reason in skipped:
         print(f"not run: {name}: {reason}")
+    print(f"gradient errors on grad_input rows [0, {min(shape.n, ERROR_ROWS)}) and grad_weight "
+          f"rows [0, {min(shape.v, ERROR_CLASSES)})")
     print(f"total {elapsed:.0f} s")
     if args.json:
         with open(args.json, "w") as file:
@@ -512,6 +570,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                 "preset": args.preset, "shape": dataclasses.asdict(shape), "device": args.device,
                 "torch": torch.__version__, "warmup": args.warmup,
                 "repetitions": args.repetitions, "results": results,
+                "error_rows": ERROR_ROWS, "error_classes": ERROR_CLASSES,
+                "timing": "CUDA events" if device.type == "cuda" else "wall clock",
+                "interpret_templates": args.interpret_templates, "time_limit": args.time_limit,
                 "not_run": dict(skipped), "rewrites": rewrites, "seconds": elapsed,
             }, file, indent=2)
     if args.png:

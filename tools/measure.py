@@ -55,23 +55,36 @@ def peak_extra_bytes(fn: Callable[[], T], device: torch.device) -> tuple[T, int]
     return result, peak
 
 
+def seconds_of(fn: Callable[[], Any], device: torch.device) -> float:
+    """How long one `fn()` takes: on CUDA between two events recorded on the current stream
+    before and after it (what the GPU spent, gaps while the host lags and syncs inside `fn`
+    included), on the CPU by the wall clock."""
+    synchronize(device)
+    if device.type == "cuda":
+        start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    start_time = time.perf_counter()
+    fn()
+    return time.perf_counter() - start_time
+
+
 def median_seconds(
     fn: Callable[[], Any], device: torch.device, warmup: int, repetitions: int,
     budget_seconds: float | None = None,
 ) -> tuple[float, int]:
-    """Median wall time of `fn()` over up to `repetitions` runs after up to `warmup` untimed
-    ones, and how many runs were timed. Once `budget_seconds` are spent, no further warmup or
-    repetition starts (one timed run always happens), so that very slow implementations do
-    not hold a benchmark up for long."""
+    """Median time of `fn()` (`seconds_of`) over up to `repetitions` runs after up to `warmup`
+    untimed ones, and how many runs were timed. Once `budget_seconds` are spent, no further
+    warmup or repetition starts (one timed run always happens), so that very slow
+    implementations do not hold a benchmark up for long."""
     spent = 0.0
 
     def timed() -> float:
         nonlocal spent
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        elapsed = time.perf_counter() - start
+        elapsed = seconds_of(fn, device)
         spent += elapsed
         return elapsed
 
