@@ -63,7 +63,8 @@ def forward_launches(codes: list[str]) -> list[tuple[int, int]]:
 def assert_templates_launched(calls: list[str]) -> None:
     """`calls` (kernel_calls of some wrappers) hold the CCE forward and backward templates."""
     assert any(c.startswith("triton_tem_fused_linear_cross_entropy_fwd") for c in calls), calls
-    assert any(c.startswith("triton_tem_") and "linear_cross_entropy_bwd" in c for c in calls), calls
+    assert any(c.startswith("triton_tem_") and "linear_cross_entropy_bwd" in c
+               for c in calls), calls
 
 
 def assert_fused(codes: list[str], n: int, v: int, d: int) -> None:

@@ -37,19 +37,22 @@ CASES = [
     Case("bf16_sum_3d", dtype=torch.bfloat16, reduction="sum", leading=(4, 12)),
 ]
 TIMEOUT = datetime.timedelta(seconds=60)
+# NCCL refuses at once; should it hang instead, its watchdog ends the probe after this.
+PROBE_TIMEOUT = datetime.timedelta(seconds=20)
 
 
-def _init(backend: str, init_file: str, rank: int, device: torch.device) -> None:
+def _init(backend: str, init_file: str, rank: int, device: torch.device,
+          timeout: datetime.timedelta = TIMEOUT) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank,
-                            world_size=WORLD, timeout=TIMEOUT)
+                            world_size=WORLD, timeout=timeout)
 
 
 def _probe_nccl(rank: int, init_file: str, out_dir: str) -> None:
     """One all-reduce over NCCL with both ranks on cuda:0."""
     device = torch.device("cuda", 0)
-    _init("nccl", init_file, rank, device)
+    _init("nccl", init_file, rank, device, PROBE_TIMEOUT)
     try:
         value = torch.ones(1, device=device)
         dist.all_reduce(value)
