@@ -12,12 +12,17 @@ Every test here carries the `gpu` marker (`pytest -m "not gpu"` leaves them out)
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
 from device_harness import Harness, activate, harness_device, unavailable_reason
+
+# Deterministic mode on CUDA refuses cuBLAS matmuls (the references' F.linear) unless this is
+# set; torch reads it once, at the process's first cuBLAS call, so before any test runs.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
 @pytest.fixture
