@@ -101,22 +101,28 @@ class Stage:
 def run_process(command: list[str], log: Path, limit: float, env: dict[str, str],
                 cwd: Optional[Path] = None) -> tuple[Optional[int], str]:
     """Run `command` with stdout and stderr to `log`; at `limit` seconds send it SIGINT (pytest
-    then ends its session and writes its reports), KILL_GRACE_SECONDS later kill it.
-    Returns (exit status or None when killed, how it ended)."""
+    then ends its session and writes its reports), KILL_GRACE_SECONDS later kill it. Signals
+    go to its whole process group, so that its own workers (benchmark processes, spawned
+    ranks) end with it. Returns (exit status or None when killed, how it ended)."""
     with open(log, "w") as output:
         process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env,
-                                   cwd=cwd, stdin=subprocess.DEVNULL)
+                                   cwd=cwd, stdin=subprocess.DEVNULL, start_new_session=True)
         try:
-            return process.wait(timeout=limit), "finished"
-        except subprocess.TimeoutExpired:
-            process.send_signal(signal.SIGINT)
-        try:
-            return (process.wait(timeout=KILL_GRACE_SECONDS),
-                    f"interrupted at its {limit:.0f} s limit")
-        except subprocess.TimeoutExpired:
-            process.kill()
+            try:
+                return process.wait(timeout=limit), "finished"
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGINT)
+            try:
+                return (process.wait(timeout=KILL_GRACE_SECONDS),
+                        f"interrupted at its {limit:.0f} s limit")
+            except subprocess.TimeoutExpired:
+                return None, f"killed {KILL_GRACE_SECONDS:.0f} s after its {limit:.0f} s limit"
+        finally:  # also when this process is interrupted: leave nothing of the stage running
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             process.wait()
-            return None, f"killed {KILL_GRACE_SECONDS:.0f} s after its {limit:.0f} s limit"
 
 
 def log_tail(log: Path, lines: int = 15) -> str:
@@ -246,11 +252,16 @@ def run_bench(preset: str) -> Callable[[Context, float], dict[str, Any]]:
         record["bench"] = json.loads(json_path.read_text())
         png = context.out / f"bench-{preset}.png"
         record["chart"] = png.name if png.exists() else None
-        failed = [entry for entry in record["bench"]["results"] if "error" in entry]
-        if ended != "finished":
-            status = "interrupted"
+        results = record["bench"]["results"]
+        cut = [name for name, reason in record["bench"]["not_run"].items()
+               if reason.startswith("not started: the --time-limit")]
+        if not results:
+            return dict(record, status="skipped",
+                        reason="its time limit was spent before any implementation ran")
+        if any("error" in entry for entry in results):
+            status = "failed"
         else:
-            status = "failed" if failed else "passed"
+            status = "interrupted" if cut or ended != "finished" else "passed"
         return dict(record, status=status)
 
     return run

@@ -168,7 +168,8 @@ def _bench_section(stage: dict[str, Any]) -> list[str]:
         f"log: {stage['log']}",
         "",
         tabulate(bench.table_rows(data["results"]), headers=bench.TABLE_HEADERS,
-                 tablefmt="github", disable_numparse=True),
+                 tablefmt="github", disable_numparse=True)
+        if data["results"] else "No implementation ran.",
         "",
     ]
     lines += [f"- not run: {name}: {reason}" for name, reason in data["not_run"].items()]
