@@ -361,7 +361,11 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
 def main(argv: Optional[list[str]] = None) -> int:
     payload = measure.worker_payload(argv)
     if payload is not None:
-        measure.write_worker_result(payload, reproducibility(payload))
+        try:
+            result = reproducibility(payload)
+        except Exception as error:  # the stage reports it as its reason
+            result = {"error": f"{type(error).__name__}: {error}"[:2000]}
+        measure.write_worker_result(payload, result)
         return 0
     args = _parse(argv)
     if not args.dry_run and not torch.cuda.is_available():
