@@ -200,14 +200,28 @@ def fixed_layout(device, dtype, size):
 
 
 def triton_template(name: str, grid, source: str):
-    """An Inductor TritonTemplate whose grid is `grid(*call_sizes, meta)` built from sympy sizes."""
+    """An Inductor TritonTemplate whose grid is `grid(*call_sizes, meta)` built from sympy sizes.
+    Its inputs must have frozen layouts (`freeze_template_inputs`)."""
     from torch._inductor.select_algorithm import SymbolicGridFn, TritonTemplate
 
     existing = TritonTemplate.all_templates.get(name)
     if existing is not None:
         return existing
-    return TritonTemplate(name=name, grid=SymbolicGridFn(grid), source=source,
-                          always_freeze_layout=True)
+    return TritonTemplate(name=name, grid=SymbolicGridFn(grid), source=source)
+
+
+def freeze_template_inputs(nodes) -> None:
+    """Fix the layout of every template input now, before the template renders its strides.
+
+    Otherwise Inductor renders a template with the strides a flexible buffer would get and
+    freezes the buffer only later, checking the two agree only when it finalizes a choice among
+    several (MultiTemplateBuffer); any other later decision about that buffer's layout would
+    leave the kernel reading wrong strides. torch 2.13 offers TritonTemplate(...,
+    always_freeze_layout=True) for this (FlexAttention uses it); torch 2.11 has no such argument
+    (TypeError), while freezing the inputs, as 2.11's FlexAttention does for its buffers, works on
+    every version. Views keep their own fixed layout (their freeze_layout is a no-op)."""
+    for node in nodes:
+        node.freeze_layout()
 
 
 def autotune_select(name: str, choices, input_nodes, layout, input_gen_fns):

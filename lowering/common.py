@@ -160,6 +160,7 @@ def choose(kernel: Kernel, cfgs: list[configs.Config], input_nodes: list, layout
            mutated: list, call_sizes: list, input_gen_fns: dict, **constexprs: Any) -> Any:
     """Append one choice of `kernel`'s template per config and let Inductor pick (benchmarking
     only when there is more than one)."""
+    compat.freeze_template_inputs(input_nodes)
     choices: list = []
     errors = []
     for cfg in cfgs:
