@@ -19,7 +19,9 @@ What it arranges (each piece is needed, see DESIGN.md "Testing without a GPU"):
   * an active Triton driver that reports an sm_80 GPU target, since the interpreter has none;
   * `triton_helpers.set_driver_to_cpu` a no-op (no triton-cpu backend exists here);
   * `triton_helpers.libdevice` served by `triton.language.math` plus interpreted versions of
-    the functions it lacks (`interpreter_math`);
+    the functions it lacks (`interpreter_math`; the same ones in triton 3.6, 3.8 and 3.9);
+  * where the interpreter cannot use a scalar as a Python int (triton 3.6 with numpy >= 2.4),
+    scalars that can (see `_scalar_index_refused`);
   * and the one switch production code reads: CPU tensors take the Triton templates
     (`lowering.common.cpu_tensors_take_templates`; the lowering derives the rest from the
     device, e.g. upcasting bf16 `tl.dot` operands, which triton 3.9's interpreter multiplies
@@ -32,11 +34,13 @@ compiled inside stay interpreted).
 from __future__ import annotations
 
 import contextlib
+import functools
+import operator
 import os
 import sys
 import types
 import warnings
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from cce_inductor import compat
 from cce_inductor.lowering import common
@@ -157,6 +161,57 @@ class _Reinterpreter:
         return replaced
 
 
+def _scalar_index(tensor: Any) -> int:
+    """A scalar of an interpreted kernel (a one-element numpy array) as a Python int."""
+    return int(tensor.handle.data.squeeze())
+
+
+@functools.cache
+def _scalar_index_refused() -> bool:
+    """Whether this triton's interpreter cannot use a scalar as a Python int (`range(begin,
+    end, BLOCK)` over computed bounds, as the forward template loops): triton 3.6's interpreter
+    converts with `int(array)`, which numpy >= 2.4 refuses for a one-element array of ndim 1
+    (triton-lang/triton#9171, fixed by #9172; triton 3.8 and 3.9 squeeze first). Probed, since
+    it depends on both triton's and numpy's versions."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter as triton_interpreter
+
+    scope = triton_interpreter._LangPatchScope()
+    triton_interpreter._patch_lang_tensor(tl.tensor, scope)
+    try:
+        scalar = tl.tensor(triton_interpreter.TensorHandle(np.array([1], np.int32), tl.int32),
+                           tl.int32)
+        operator.index(scalar)
+        return False
+    except TypeError:
+        return True
+    finally:
+        scope.restore()
+
+
+def _squeezing_scalar_index() -> Callable[[], None]:
+    """Make the interpreter's scalars usable as Python ints where it refuses (see
+    `_scalar_index_refused`); return the undo. The interpreter patches `tl.tensor` anew for
+    every kernel launch, so its patching function is wrapped."""
+    from triton.runtime import interpreter as triton_interpreter
+
+    if not _scalar_index_refused():
+        return lambda: None
+    original = triton_interpreter._patch_lang_tensor
+
+    def patch_lang_tensor(tensor: Any, scope: Any) -> None:
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", _scalar_index)
+
+    triton_interpreter._patch_lang_tensor = patch_lang_tensor
+
+    def undo() -> None:
+        triton_interpreter._patch_lang_tensor = original
+
+    return undo
+
+
 @contextlib.contextmanager
 def interpreted() -> Iterator[None]:
     """Within the block, Inductor compiles CPU graphs to Triton and Triton interprets them."""
@@ -167,6 +222,7 @@ def interpreted() -> Iterator[None]:
 
     reinterpret = _Reinterpreter()
     replaced = reinterpret.swap_triton_language()
+    undo_scalar_index = _squeezing_scalar_index()
     driver = triton.runtime.driver
     saved_driver = driver._active
     driver.set_active(_InterpreterDriver())
@@ -180,6 +236,7 @@ def interpreted() -> Iterator[None]:
         driver._active = saved_driver
         for owner, name, original in replaced:
             setattr(owner, name, original)
+        undo_scalar_index()
         if saved_env is None:
             os.environ.pop("TRITON_INTERPRET", None)
         else:
