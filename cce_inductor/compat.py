@@ -11,6 +11,12 @@ from torch import Tensor
 
 TORCH_VERSION = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
 
+# torch's own fused loss, F.linear_cross_entropy (chunked, with LinearCrossEntropyOptions),
+# exists from torch 2.13; before it there is no such call for the graph pass to find.
+HAS_TORCH_LINEAR_CROSS_ENTROPY = hasattr(torch.nn.functional, "linear_cross_entropy")
+NO_TORCH_LINEAR_CROSS_ENTROPY = (f"torch {torch.__version__} has no "
+                                 "torch.nn.functional.linear_cross_entropy (added in 2.13)")
+
 
 def assert_async(condition: Tensor, message: str) -> None:
     """A graph assert: fails at run time when `condition` (a bool tensor) is false, without a

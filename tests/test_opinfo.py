@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch.testing._internal.common_methods_invocations import op_db
 
 import cce_inductor
+from cce_inductor import compat
 import reference
 
 pytestmark = pytest.mark.usefixtures("single_threaded")
@@ -123,9 +124,9 @@ def test_cross_entropy_sample(dtype, sample, head, label_smoothing):
              label_smoothing=label_smoothing, **options)
 
 
+@pytest.mark.skipif(not compat.HAS_TORCH_LINEAR_CROSS_ENTROPY,
+                    reason=compat.NO_TORCH_LINEAR_CROSS_ENTROPY)
 def test_linear_cross_entropy_samples_filtered_with_reasons():
-    if _opinfo("nn.functional.linear_cross_entropy") is None:
-        pytest.skip("this torch has no nn.functional.linear_cross_entropy OpInfo (added in 2.13)")
     assert set(LCE_SKIPPED) <= {
         "probability targets", "linear_weight of more than 2 dimensions (K-dimensional logits)"
     }
@@ -134,6 +135,8 @@ def test_linear_cross_entropy_samples_filtered_with_reasons():
     assert {"weight", "reduction", "ignore_index", "linear_bias"} <= covered, covered
 
 
+@pytest.mark.skipif(not compat.HAS_TORCH_LINEAR_CROSS_ENTROPY,
+                    reason=compat.NO_TORCH_LINEAR_CROSS_ENTROPY)
 @pytest.mark.parametrize(
     "dtype,sample", LCE_SAMPLES, ids=[_describe(d, s, i) for i, (d, s) in enumerate(LCE_SAMPLES)]
 )

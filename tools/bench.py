@@ -78,9 +78,7 @@ def _torch_chunked(device: torch.device) -> LossFn:
 
 
 def _torch_chunked_missing(device: torch.device) -> Optional[str]:
-    if not hasattr(F, "linear_cross_entropy") or not hasattr(torch.nn, "LinearCrossEntropyOptions"):
-        return f"torch {torch.__version__} has no F.linear_cross_entropy (2.13+)"
-    return None
+    return None if compat.HAS_TORCH_LINEAR_CROSS_ENTROPY else compat.NO_TORCH_LINEAR_CROSS_ENTROPY
 
 
 def _apple_impl(device: torch.device) -> str:
