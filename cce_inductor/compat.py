@@ -340,6 +340,17 @@ def linear_functions() -> tuple:
     return (torch._C._nn.linear,)
 
 
+def is_dtensor_redistribute(node) -> bool:
+    """A DTensor `redistribute` (same values, another layout) in a Dynamo graph. From torch
+    2.13 it is a call_method; torch 2.11's Dynamo traces it as a call of a function it makes on
+    the fly, named "prim_redistribute", with the placements baked into its closure
+    (torch/_dynamo/variables/tensor.py, method_redistribute)."""
+    if node.op == "call_method":
+        return node.target == "redistribute"
+    return node.op == "call_function" and getattr(node.target, "__name__", None) == \
+        "prim_redistribute"
+
+
 def example_value(node):
     """The fake tensor (or SymInt) Dynamo recorded for an FX node; None when it has none."""
     return node.meta.get("example_value")

@@ -147,7 +147,7 @@ def find_site(loss: Node) -> Site:
             path.append(node)
             row_ops.append(node)
             node = node.args[0]
-        elif is_call(node, (), ("redistribute",)):  # DTensor layout change, same values
+        elif compat.is_dtensor_redistribute(node):  # DTensor layout change, same values
             path.append(node)  # (see cce_inductor.dtensor_sites)
             node = node.args[0]
         elif softcap is None and (capped := _read_softcap(node)) is not None:
