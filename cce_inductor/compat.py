@@ -351,6 +351,21 @@ def is_dtensor_redistribute(node) -> bool:
         "prim_redistribute"
 
 
+def transposing_attribute_source(node):
+    """x when the FX node reads the attribute x.T or x.mT, else None. Dynamo graphs up to torch
+    2.13 spell it getattr(x, "T"); torch 2.14's Dynamo calls the aten view op behind the
+    attribute instead (aten.numpy_T, aten.mT: torch/_dynamo/variables/tensor.py,
+    _VIEW_ATTR_TO_ATEN_OP)."""
+    if node.op != "call_function" or not node.args:
+        return None
+    if node.target is getattr:
+        return node.args[0] if node.args[1] in ("T", "mT") else None
+    aten = torch.ops.aten
+    if node.target in (aten.numpy_T, aten.numpy_T.default, aten.mT, aten.mT.default):
+        return node.args[0]
+    return None
+
+
 def example_value(node):
     """The fake tensor (or SymInt) Dynamo recorded for an FX node; None when it has none."""
     return node.meta.get("example_value")

@@ -275,8 +275,8 @@ def _transposed_matrix(node: Any) -> Optional[Node]:
     source = node.args[0]
     if not isinstance(source, Node) or example_value(source).dim() != 2:
         return None
-    if node.op == "call_function" and node.target is getattr:
-        return source if node.args[1] in ("T", "mT") else None
+    if compat.transposing_attribute_source(node) is not None:
+        return source
     if is_call(node, (torch.t,), ("t",)):
         return source
     if is_call(node, (torch.transpose,), ("transpose",)):
