@@ -26,19 +26,25 @@ TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates"
 CPU_SM_COUNT = 4
 
 _cpu_takes_templates = 0
+_cpu_upcasts_bf16_dots = False
 
 
 @contextlib.contextmanager
-def cpu_tensors_take_templates() -> Iterator[None]:
+def cpu_tensors_take_templates(upcast_bf16_dots: bool) -> Iterator[None]:
     """Within the block, CPU tensors take the Triton templates instead of the ops' blocked eager
-    implementation. The one switch production code reads from the Triton-interpreter harness
-    (`cce_inductor.tools.interpreter`), which sets it: templates on a CPU only ever run there."""
-    global _cpu_takes_templates
+    implementation, with their bf16 `tl.dot` operands upcast to fp32 when `upcast_bf16_dots`.
+    The one switch production code reads from the Triton-interpreter harness
+    (`cce_inductor.tools.interpreter`), which sets it: templates on a CPU only ever run there,
+    and the harness knows whether its interpreter multiplies bf16 right."""
+    global _cpu_takes_templates, _cpu_upcasts_bf16_dots
+    saved_upcast = _cpu_upcasts_bf16_dots
     _cpu_takes_templates += 1
+    _cpu_upcasts_bf16_dots = upcast_bf16_dots
     try:
         yield
     finally:
         _cpu_takes_templates -= 1
+        _cpu_upcasts_bf16_dots = saved_upcast
 
 
 def template_unavailable_reason(device: torch.device, dtype: torch.dtype) -> Optional[str]:
@@ -65,14 +71,15 @@ def fallback(op: Any, reason: str, *args: Any) -> Any:
 def dot_options(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     """Constexprs steering tl.dot.
 
-    DOT_FP32 upcasts 16-bit dot operands to fp32 for CPU tensors, which take the templates only
-    under the interpreter: triton 3.9's interpreter multiplies bf16 wrongly
-    (triton-lang/triton#11584); the upcast is exact, so the numerics stay those of a 16-bit dot
-    with fp32 accumulation. PRECISION follows torch's fp32 matmul setting.
+    DOT_FP32 upcasts bf16 dot operands to fp32 for CPU tensors (which take the templates only
+    under the interpreter) where the harness found its interpreter multiplying bf16 wrongly
+    (triton 3.6, 3.8 and 3.9: triton-lang/triton#11584); the upcast is exact, so the numerics stay
+    those of a bf16 dot with fp32 accumulation. fp16 dots run as they are (the interpreter gets
+    them right). PRECISION follows torch's fp32 matmul setting.
     """
     tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
     return {
-        "DOT_FP32": device.type == "cpu" and dtype != torch.float32,
+        "DOT_FP32": device.type == "cpu" and dtype == torch.bfloat16 and _cpu_upcasts_bf16_dots,
         "PRECISION": "'tf32'" if tf32 else "'ieee'",
     }
 

@@ -72,3 +72,15 @@ def test_cache_pass_is_installed_with_the_lowerings():
     passes = inductor_config.post_grad_custom_post_pass
     passes = passes if isinstance(passes, (list, tuple)) else [passes]
     assert cache.graph_pass() in passes
+
+
+def test_dot_upcast_only_where_the_interpreter_needs_it():
+    """DOT_FP32 (operands upcast before tl.dot) only for bf16 on the CPU under an interpreter
+    whose bf16 tl.dot is wrong, as probed; never for fp16/fp32 nor for CUDA tensors."""
+    dtypes = (torch.float32, torch.float16, torch.bfloat16)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    with interpreter.interpreted():
+        upcast = {dtype: common.dot_options(cpu, dtype)["DOT_FP32"] for dtype in dtypes}
+        bf16_exact = interpreter.bf16_dot_is_exact()
+    assert upcast == {torch.float32: False, torch.float16: False, torch.bfloat16: not bf16_exact}
+    assert not any(common.dot_options(cuda, dtype)["DOT_FP32"] for dtype in dtypes)

@@ -23,9 +23,9 @@ What it arranges (each piece is needed, see DESIGN.md "Testing without a GPU"):
   * where the interpreter cannot use a scalar as a Python int (triton 3.6 with numpy >= 2.4),
     scalars that can (see `_scalar_index_refused`);
   * and the one switch production code reads: CPU tensors take the Triton templates
-    (`lowering.common.cpu_tensors_take_templates`; the lowering derives the rest from the
-    device, e.g. upcasting bf16 `tl.dot` operands, which triton 3.9's interpreter multiplies
-    wrongly).
+    (`lowering.common.cpu_tensors_take_templates`), and whether their bf16 `tl.dot` operands
+    are upcast: where this interpreter multiplies bf16 wrongly (`bf16_dot_is_exact`; so far
+    every triton tried: 3.6, 3.8, 3.9).
 Interpreter timings mean nothing and Inductor's generic reductions run element by element, so
 keep shapes tiny. Process-wide state is changed; `interpreted()` restores it on exit (kernels
 compiled inside stay interpreted).
@@ -212,6 +212,27 @@ def _squeezing_scalar_index() -> Callable[[], None]:
     return undo
 
 
+@functools.cache
+def bf16_dot_is_exact() -> bool:
+    """Whether this triton's interpreter computes a bf16 `tl.dot` right; call it with
+    TRITON_INTERPRET=1 set. Triton 3.6, 3.8 and 3.9 store bf16 as uint16 and multiply the bit
+    patterns (triton-lang/triton#11584; fp16 and fp32 operands are exact, numpy multiplies them
+    in fp32). Probed on small integers, whose products and sums are exact in bf16 with fp32
+    accumulation."""
+    import torch
+    import triton
+
+    from cce_inductor.tools import interpreter_math
+
+    size = 16
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.randint(-2, 3, (size, size), generator=generator).to(torch.bfloat16)
+            for _ in range(2))
+    product = torch.empty(size, size)
+    triton.jit(interpreter_math.dot_probe)[(1,)](a, b, product, SIZE=size)
+    return torch.equal(product, a.float() @ b.float())
+
+
 @contextlib.contextmanager
 def interpreted() -> Iterator[None]:
     """Within the block, Inductor compiles CPU graphs to Triton and Triton interprets them."""
@@ -229,7 +250,7 @@ def interpreted() -> Iterator[None]:
     _active_depth += 1
     try:
         with compat.inductor_triton_on_cpu(_interpreted_libdevice(), reinterpret), \
-                common.cpu_tensors_take_templates():
+                common.cpu_tensors_take_templates(upcast_bf16_dots=not bf16_dot_is_exact()):
             yield
     finally:
         _active_depth -= 1

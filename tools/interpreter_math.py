@@ -1,9 +1,10 @@
-"""Bodies of the libdevice functions that `triton.language.math` lacks, for the Triton interpreter.
+"""Bodies of Triton functions for the interpreter: the libdevice functions that
+`triton.language.math` lacks, and a probe kernel of the interpreter's bf16 `tl.dot`.
 
 These are plain functions on purpose: `cce_inductor.tools.interpreter` wraps them with
 `triton.jit` only after TRITON_INTERPRET=1 is set, so they become interpreted functions.
-Each computes in fp64 and rounds back, so fp32/fp16/bf16 results are correctly rounded
-for all practical purposes (the interpreter runs on numpy, where fp64 is cheap).
+Each libdevice function computes in fp64 and rounds back, so fp32/fp16/bf16 results are
+correctly rounded for all practical purposes (the interpreter runs on numpy, where fp64 is cheap).
 """
 
 import triton.language as tl
@@ -45,3 +46,10 @@ def log10(x):
 
 
 MISSING = (tanh, log1p, expm1, isnan, isinf, trunc, log10)
+
+
+def dot_probe(A, B, C, SIZE: tl.constexpr):
+    """C = A @ B for SIZE x SIZE row-major matrices, through one tl.dot."""
+    rows, cols = tl.arange(0, SIZE)[:, None], tl.arange(0, SIZE)[None, :]
+    product = tl.dot(tl.load(A + rows * SIZE + cols), tl.load(B + rows * SIZE + cols))
+    tl.store(C + rows * SIZE + cols, product)
