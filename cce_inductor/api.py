@@ -32,6 +32,7 @@ def linear_cross_entropy(
     label_smoothing: float = 0.0,
     softcap: Optional[float] = None,
     filter_eps: FilterEps = "auto",
+    filter_grads: str = "all",
     return_lse: bool = False,
     vocab_parallel_group: Optional[ProcessGroup] = None,
     vocab_start_index: Optional[int] = None,
@@ -50,6 +51,9 @@ def linear_cross_entropy(
         softcap: if given, logits become softcap * tanh(logits / softcap) (Gemma 2).
         filter_eps: skip backward tiles whose softmax values are all below this; 'auto' is
             finfo(dtype).eps / 32 for 16-bit inputs and off for fp32; None disables.
+        filter_grads: which gradients skip those tiles: 'all' (input, linear_weight and
+            linear_bias) or 'input' (linear_weight's and linear_bias's gradients then sum every
+            tile, as the paper recommends for pretraining). filter_eps means the same for both.
         return_lse: also return the per-position log-sum-exp `[...]` (fp32), e.g. for z-loss;
             gradients flow through it.
         vocab_parallel_group: the vocabulary is sharded over this process group: linear_weight,
@@ -66,7 +70,7 @@ def linear_cross_entropy(
     options = arguments.LossOptions(
         reduction=reduction, ignore_index=-100 if ignore_index is None else int(ignore_index),
         label_smoothing=label_smoothing, softcap=softcap, filter_eps=filter_eps,
-        return_lse=return_lse,
+        filter_grads=filter_grads, return_lse=return_lse,
     )
     if vocab_parallel_group is not None:
         return vocab_parallel.vocab_parallel_loss(
@@ -76,14 +80,18 @@ def linear_cross_entropy(
     if vocab_start_index is not None:
         raise ValueError("vocab_start_index is only meaningful with vocab_parallel_group")
     eps = arguments.check_arguments(input, linear_weight, target, linear_bias, weight, options)
+    if not (torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (input, linear_weight, linear_bias))):
+        eps = None  # no backward: the forward need not record tile maxima for its filter
     vocab = linear_weight.shape[0]
     arguments.check_target_values(target, vocab, options.ignore_index)
 
     rows = losses.flatten(input, target, weight, options)
     # Eager calls on a GPU run the op through an internal torch.compile (the Triton templates).
-    lse, target_logit, logit_sum = dispatch.call(
+    lse, target_logit, logit_sum, _, _ = dispatch.call(
         torch.ops.cce.linear_cross_entropy_fwd, rows.input, linear_weight, linear_bias,
         rows.target, rows.class_weight, rows.softcap, rows.label_smoothing > 0, eps,
+        options.filter_classifier,
     )
     loss, denominator = losses.row_losses(
         lse, target_logit, logit_sum, rows.target, rows.class_weight, options.ignore_index,
@@ -105,6 +113,7 @@ class LinearCrossEntropy(nn.Module):
         label_smoothing: float = 0.0,
         softcap: Optional[float] = None,
         filter_eps: FilterEps = "auto",
+        filter_grads: str = "all",
         return_lse: bool = False,
     ) -> None:
         super().__init__()
@@ -114,6 +123,7 @@ class LinearCrossEntropy(nn.Module):
         self.label_smoothing = label_smoothing
         self.softcap = softcap
         self.filter_eps = filter_eps
+        self.filter_grads = filter_grads
         self.return_lse = return_lse
 
     def forward(
@@ -127,5 +137,6 @@ class LinearCrossEntropy(nn.Module):
             input, linear_weight, target,
             linear_bias=linear_bias, weight=self.weight, reduction=self.reduction,
             ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
-            softcap=self.softcap, filter_eps=self.filter_eps, return_lse=self.return_lse,
+            softcap=self.softcap, filter_eps=self.filter_eps, filter_grads=self.filter_grads,
+            return_lse=self.return_lse,
         )

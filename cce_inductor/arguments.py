@@ -20,6 +20,8 @@ REDUCTIONS = ("mean", "sum", "none")
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 FilterEps = Union[float, str, None]
+# Which gradients filter: all of them, or only the input's (the paper's pretraining recipe).
+FILTER_GRADS = ("all", "input")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +34,18 @@ class LossOptions:
     label_smoothing: float = 0.0
     softcap: Optional[float] = None
     filter_eps: FilterEps = "auto"
+    filter_grads: str = "all"
     return_lse: bool = False
+
+    @property
+    def filter_classifier(self) -> bool:
+        """Whether the classifier's (and bias's) gradients skip negligible tiles too."""
+        return self.filter_grads == "all"
+
+
+def check_filter_grads(filter_grads: str) -> None:
+    if filter_grads not in FILTER_GRADS:
+        raise ValueError(f"filter_grads must be one of {FILTER_GRADS}, got {filter_grads!r}")
 
 
 def resolve_filter_eps(filter_eps: FilterEps, dtype: torch.dtype) -> Optional[float]:
@@ -110,6 +123,7 @@ def check_arguments(
         raise ValueError(f"label_smoothing must be in [0, 1], got {options.label_smoothing}")
     if options.softcap is not None and not options.softcap > 0:
         raise ValueError(f"softcap must be None or > 0, got {options.softcap}")
+    check_filter_grads(options.filter_grads)
     return resolve_filter_eps(options.filter_eps, input.dtype)
 
 

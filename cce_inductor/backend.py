@@ -11,7 +11,7 @@ cross_entropy` becomes the fused CCE loss) and then compiled by Inductor's `comp
 `mode=` and `options=`: torch.compile passes them to any backend other than "inductor" as
 keywords (`torch._TorchCompileWrapper`); this backend applies them exactly as backend="inductor"
 does (same validation, same mode presets, as config patches of `compile_fx`). Keys of `options`
-that start with "cce." set the graph pass options instead ("cce.filter_eps",
+that start with "cce." set the graph pass options instead ("cce.filter_eps", "cce.filter_grads",
 "cce.patterns", "cce.drop_logits"; see `RewriteOptions`), overriding the backend's own.
 """
 
@@ -79,6 +79,7 @@ class CCEBackend:
 def make_cce_backend(
     *,
     filter_eps: FilterEps = "auto",
+    filter_grads: str = "all",
     patterns: Optional[Iterable[str]] = None,
     drop_logits: bool = False,
 ) -> CCEBackend:
@@ -86,6 +87,8 @@ def make_cce_backend(
 
     filter_eps: gradient filter threshold of the fused backward: 'auto' (finfo(dtype).eps / 32
         for 16-bit inputs, off for float32), None (off) or a float.
+    filter_grads: 'all' (every gradient filters) or 'input' (only the input's: the
+        classifier's gradient sums every tile, the paper's pretraining recipe).
     patterns: names from `cce_inductor.patterns.PATTERNS` that may be rewritten (default: all).
     drop_logits: the caller promises not to read logits that the graph returns beside the loss;
         they come back as empty `[..., 0]` tensors and are never computed.
@@ -94,6 +97,7 @@ def make_cce_backend(
 
     return CCEBackend(RewriteOptions(
         filter_eps=filter_eps,
+        filter_grads=filter_grads,
         patterns=PATTERNS if patterns is None else frozenset(patterns),
         drop_logits=drop_logits,
     ))

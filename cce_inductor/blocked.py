@@ -114,6 +114,7 @@ def backward(
     input_needs_grad: bool,
     weight_needs_grad: bool,
     bias_needs_grad: bool,
+    filter_classifier: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     n, d = input.shape
     v = weight.shape[0]
@@ -124,6 +125,9 @@ def backward(
     class_weight_acc = class_weight.to(acc) if class_weight is not None else None
     # The smoothing term grad_logit_sum * class_weight is dense: no tile of dz is negligible.
     filtering = filter_eps is not None and filter_eps > 0 and grad_logit_sum is None
+    # Without filter_classifier the classifier's gradients sum every tile: filtering then only
+    # narrows the dE product.
+    classifier_sums_all = not filter_classifier and (weight_needs_grad or bias_needs_grad)
 
     grad_input = input.new_zeros((n, d) if input_needs_grad else (0,), dtype=acc)
     grad_weight = weight.new_zeros((v, d) if weight_needs_grad else (0,), dtype=acc)
@@ -143,7 +147,7 @@ def backward(
                 dz = z.sub_(lse[n0:n1, None]).exp_()
                 hit, col = _target_columns(t_blk, v0, v1 - v0)
                 keep = _kept_columns(dz, hit, col, filter_eps) if filtering else None
-                if keep is not None and keep.numel() == 0:
+                if keep is not None and keep.numel() == 0 and not classifier_sums_all:
                     continue
                 dz.mul_(grad_lse[n0:n1, None])
                 rows = hit.nonzero()[:, 0]
@@ -154,6 +158,13 @@ def backward(
                 if tanh is not None:
                     dz.mul_(1.0 - tanh * tanh)
                 cols = None
+                if keep is not None and classifier_sums_all:
+                    _accumulate(dz, e_blk, c_blk, n0, n1, v0, v1, None, mm, None,
+                                grad_weight if weight_needs_grad else None,
+                                grad_bias if bias_needs_grad else None)
+                    if input_needs_grad and keep.numel():
+                        _add_product(grad_input[n0:n1], dz[:, keep].to(mm), c_blk[keep])
+                    continue
                 if keep is not None:
                     dz, c_blk, cols = dz[:, keep], c_blk[keep], keep + v0
                 _accumulate(

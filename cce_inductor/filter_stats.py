@@ -5,12 +5,16 @@
     print(stats.skipped, stats.total, stats.fraction)
 
 Implementations report through `record`; outside `collect()` it costs one attribute lookup.
+skipped: tiles whose softmax the filter found negligible (their gradient products are skipped,
+for grad_input only with filter_grads='input'); early: those of them the compiled backward
+skipped before recomputing their logits (from the forward's tile maxima).
+
 The blocked (CPU) backward always reports. The compiled backward reports only when counting
 was on while its graph was lowered (`CCE_COUNT_FILTERED_TILES=1` in the environment, or
-`counting()`): its templates then add, per logit tile, one to a small int64 buffer [skipped,
-total], and the compiled graph calls `cce::record_filter_stats` (cce_inductor.ops), which
-hands the counts to `record`. The switch is part of the FX graph cache key; counting costs two
-atomics per tile and a host sync per backward.
+`counting()`): the compiled graph then calls `cce::record_filter_stats` (cce_inductor.ops)
+after the backward kernels with their kept-tile map, which counts the verdicts and hands them
+to `record`. The switch is part of the FX graph cache key; counting costs a host sync per
+backward.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ ENV_VAR = "CCE_COUNT_FILTERED_TILES"
 class FilterStats:
     skipped: int = 0
     total: int = 0
+    early: int = 0
 
     @property
     def fraction(self) -> float:
@@ -37,10 +42,11 @@ _active: Optional[FilterStats] = None
 _counting_forced: Optional[bool] = None
 
 
-def record(skipped: int, total: int) -> None:
+def record(skipped: int, total: int, early: int = 0) -> None:
     if _active is not None:
         _active.skipped += skipped
         _active.total += total
+        _active.early += early
 
 
 @contextlib.contextmanager

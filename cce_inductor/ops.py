@@ -9,15 +9,27 @@ returns per-row fp32 statistics of the logits z = input @ classifier.T + bias (s
     lse          log-sum-exp over the vocabulary
     target_logit z[i, target[i]], 0 where target[i] is outside [0, V)
     logit_sum    sum_j class_weight[j] * z[i, j] (or sum_j z[i, j]); shape [0] unless asked for
+    tile_max     an upper bound of z over each block of TILE_MAX_ROWS rows x TILE_MAX_COLS
+                 classes, [cdiv(N, 16), cdiv(V, 128)], when the backward will filter (filter_eps
+                 set and no logit sum), else shape [0]. The Triton forward records the blocks'
+                 maximum logits, so that the backward can skip negligible tiles without
+                 recomputing them; the blocked implementation records +inf (no bound: nothing is
+                 skipped early). Any upper bound is correct; tighter bounds skip more.
+    lse_parts    [N, 2]: (m, l) with lse = m + l, m the row's largest logit and l the log of
+                 sum_j exp(z_ij - m), unrounded: the backward's softmax exp((z - m) - l) then
+                 keeps fp32 precision where |lse| >> 1 (logits of order 100 and more). The
+                 blocked implementation returns (lse, 0): its backward reads lse itself.
 A target outside [0, V) simply has no logit here: ignore_index and vocabulary shards use this.
 
-`cce::linear_cross_entropy_bwd` takes the gradients of those three statistics and returns
-(grad_input, grad_classifier, grad_bias), each of shape [0] when not requested, so a frozen
-head costs no dC work. With dz[i, j] = grad_lse[i] * p[i, j] + grad_target_logit[i] * [j == t_i]
+`cce::linear_cross_entropy_bwd` takes the gradients of the first three statistics (and the
+forward's tile_max and lse_parts) and returns (grad_input, grad_classifier, grad_bias), each of
+shape [0] when not requested, so a frozen head costs no dC work. filter_eps skips negligible
+tiles for every gradient, or with filter_classifier=False for grad_input only (grad_classifier
+and grad_bias then sum every tile). With dz[i, j] = grad_lse[i] * p[i, j] + grad_target_logit[i] * [j == t_i]
 + grad_logit_sum[i] * class_weight[j], times the softcap derivative:
     grad_input = dz @ classifier,  grad_classifier = dz.T @ input,  grad_bias = dz.sum(0).
 
-`cce::record_filter_stats` hands the compiled backward's filter-tile counts to
+`cce::record_filter_stats` hands the compiled backward's kept-tile map to
 `cce_inductor.filter_stats` (see there).
 """
 
@@ -31,13 +43,33 @@ from torch import Tensor
 
 from cce_inductor import blocked, filter_stats
 
-# Arguments with one entry per row (dim 0 is N): the dispatch marks that dim dynamic.
-ROW_ARGUMENT_NAMES = ("input", "target", "lse", "grad_lse", "grad_target_logit", "grad_logit_sum")
+# Arguments whose dim 0 follows N (one entry per row, or per TILE_MAX_ROWS rows): the dispatch
+# marks that dim dynamic.
+ROW_ARGUMENT_NAMES = ("input", "target", "lse", "grad_lse", "grad_target_logit", "grad_logit_sum",
+                      "tile_max", "lse_parts")
+# The block of the tile_max statistic: every Triton logit tile is TILE_MAX_COLS classes wide
+# and a whole number of TILE_MAX_ROWS-row groups high, so one tile reads whole blocks.
+TILE_MAX_ROWS = 16
+TILE_MAX_COLS = 128
 
 
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:
     """Row statistics are fp32, or fp64 for fp64 inputs (gradcheck)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def filters(filter_eps: Optional[float], with_logit_sum: bool) -> bool:
+    """Whether the backward skips negligible tiles: a threshold is set and the label smoothing
+    term (grad_logit_sum * class_weight, dense: no tile of dz is negligible) is absent."""
+    return filter_eps is not None and filter_eps > 0 and not with_logit_sum
+
+
+def tile_max_shape(rows, vocab, filter_eps: Optional[float], with_logit_sum: bool) -> tuple:
+    """Shape of the forward's tile_max output (rows and vocab may be symbolic)."""
+    if not filters(filter_eps, with_logit_sum):
+        return (0,)
+    return ((rows + TILE_MAX_ROWS - 1) // TILE_MAX_ROWS,
+            (vocab + TILE_MAX_COLS - 1) // TILE_MAX_COLS)
 
 
 def _row_positions(fn: Callable) -> tuple[int, ...]:
@@ -54,9 +86,16 @@ def _forward(
     softcap: Optional[float],
     with_logit_sum: bool,
     filter_eps: Optional[float],
-) -> tuple[Tensor, Tensor, Tensor]:
-    # filter_eps is unused here; the forward carries it so autograd can hand it to the backward.
-    return blocked.forward(input, classifier, bias, target, class_weight, softcap, with_logit_sum)
+    filter_classifier: bool = True,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    # The filter options only shape tile_max here; the forward carries them so autograd can
+    # hand them to the backward.
+    lse, target_logit, logit_sum = blocked.forward(
+        input, classifier, bias, target, class_weight, softcap, with_logit_sum
+    )
+    shape = tile_max_shape(input.shape[0], classifier.shape[0], filter_eps, with_logit_sum)
+    lse_parts = torch.stack([lse, torch.zeros_like(lse)], dim=1)
+    return lse, target_logit, logit_sum, lse.new_full(shape, float("inf")), lse_parts
 
 
 def _backward_op(
@@ -74,11 +113,16 @@ def _backward_op(
     input_needs_grad: bool,
     classifier_needs_grad: bool,
     bias_needs_grad: bool,
+    tile_max: Optional[Tensor] = None,
+    lse_parts: Optional[Tensor] = None,
+    filter_classifier: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    # tile_max only lets kernels skip tiles early and lse_parts refines their softmax; the
+    # blocked loops decide from the logits and read lse.
     return blocked.backward(
         input, classifier, bias, target, class_weight, lse, grad_lse, grad_target_logit,
         grad_logit_sum, softcap, filter_eps, input_needs_grad, classifier_needs_grad,
-        bias_needs_grad,
+        bias_needs_grad, filter_classifier,
     )
 
 
@@ -94,19 +138,23 @@ linear_cross_entropy_bwd = torch.library.custom_op(
 
 
 @linear_cross_entropy_fwd.register_fake
-def _(input, classifier, bias, target, class_weight, softcap, with_logit_sum, filter_eps):
+def _(input, classifier, bias, target, class_weight, softcap, with_logit_sum, filter_eps,
+      filter_classifier=True):
     n = input.shape[0]
     dtype = stats_dtype(input.dtype)
     lse = input.new_empty((n,), dtype=dtype)
     target_logit = input.new_empty((n,), dtype=dtype)
     logit_sum = input.new_empty((n,) if with_logit_sum else (0,), dtype=dtype)
-    return lse, target_logit, logit_sum
+    tile_max = input.new_empty(
+        tile_max_shape(n, classifier.shape[0], filter_eps, with_logit_sum), dtype=dtype
+    )
+    return lse, target_logit, logit_sum, tile_max, input.new_empty((n, 2), dtype=dtype)
 
 
 @linear_cross_entropy_bwd.register_fake
 def _(input, classifier, bias, target, class_weight, lse, grad_lse, grad_target_logit,
       grad_logit_sum, softcap, filter_eps, input_needs_grad, classifier_needs_grad,
-      bias_needs_grad):
+      bias_needs_grad, tile_max=None, lse_parts=None, filter_classifier=True):
     """[0] for a gradient nobody asked for."""
     bias_dtype = bias.dtype if bias is not None else classifier.dtype
     return (
@@ -125,13 +173,14 @@ def statistics_gradients(
     grad_logit_sum: Optional[Tensor],
     softcap: Optional[float],
     filter_eps: Optional[float],
+    filter_classifier: bool,
     needs_input_grad: tuple[bool, ...],
 ) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """(grad_input, grad_classifier, grad_bias) of the row statistics from `backward_op` (the
     bwd op, or a dispatch of it), None where autograd wants none. `saved` is (input, classifier,
-    bias, target, class_weight, lse); `needs_input_grad` is autograd's flags for the forward's
-    arguments in the fwd op's order."""
-    input, classifier, bias, target, class_weight, lse = saved
+    bias, target, class_weight, lse, tile_max, lse_parts); `needs_input_grad` is autograd's
+    flags for the forward's arguments in the fwd op's order."""
+    input, classifier, bias, target, class_weight, lse, tile_max, lse_parts = saved
     if needs_input_grad[4]:
         raise NotImplementedError(
             "linear_cross_entropy: the gradient with respect to `weight` (class weights) is not "
@@ -140,38 +189,41 @@ def statistics_gradients(
     needs = (needs_input_grad[0], needs_input_grad[1], bias is not None and needs_input_grad[2])
     grads = backward_op(
         input, classifier, bias, target, class_weight, lse, grad_lse, grad_target_logit,
-        grad_logit_sum, softcap, filter_eps, *needs,
+        grad_logit_sum, softcap, filter_eps, *needs, tile_max, lse_parts, filter_classifier,
     )
     return tuple(grad if need else None for grad, need in zip(grads, needs))
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    input, classifier, bias, target, class_weight, softcap, with_logit_sum, filter_eps = inputs
-    lse, _, _ = output
-    ctx.save_for_backward(input, classifier, bias, target, class_weight, lse)
+    (input, classifier, bias, target, class_weight, softcap, with_logit_sum, filter_eps,
+     filter_classifier) = inputs
+    lse, _, _, tile_max, lse_parts = output
+    ctx.save_for_backward(input, classifier, bias, target, class_weight, lse, tile_max, lse_parts)
     ctx.softcap = softcap
     ctx.with_logit_sum = with_logit_sum
     ctx.filter_eps = filter_eps
+    ctx.filter_classifier = filter_classifier
 
 
-def _autograd_backward(ctx, grad_lse, grad_target_logit, grad_logit_sum):
+def _autograd_backward(ctx, grad_lse, grad_target_logit, grad_logit_sum, _tile_max, _lse_parts):
     grads = statistics_gradients(
         torch.ops.cce.linear_cross_entropy_bwd, ctx.saved_tensors, grad_lse, grad_target_logit,
         grad_logit_sum if ctx.with_logit_sum else None, ctx.softcap, ctx.filter_eps,
-        ctx.needs_input_grad,
+        ctx.filter_classifier, ctx.needs_input_grad,
     )
-    return (*grads, None, None, None, None, None)
+    return (*grads, None, None, None, None, None, None)
 
 
 linear_cross_entropy_fwd.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op("cce::record_filter_stats", mutates_args=("counts",))
-def record_filter_stats(counts: Tensor) -> None:
-    """Report counts = [skipped, total] to filter_stats and reset them.
+@torch.library.custom_op("cce::record_filter_stats", mutates_args=("kept",))
+def record_filter_stats(kept: Tensor) -> None:
+    """Report the verdicts of the compiled backward's kept-tile map (0: skipped before the
+    logits were recomputed, 1: skipped, 2: kept; see lowering/backward.py) to filter_stats.
 
-    Declared as mutating `counts` so that Inductor keeps the call although nothing reads it.
+    Declared as mutating `kept` so that Inductor keeps the call although nothing reads it
+    (the map is dead afterwards; it is left as it is).
     """
-    skipped, total = counts.tolist()
-    filter_stats.record(skipped=int(skipped), total=int(total))
-    counts.zero_()
+    counts = torch.bincount(kept.flatten().long(), minlength=3).tolist()
+    filter_stats.record(skipped=counts[0] + counts[1], total=kept.numel(), early=counts[0])

@@ -54,17 +54,21 @@ class RewriteOptions:
     """Options of the graph pass (and of `make_cce_backend`).
 
     filter_eps: gradient filter threshold of the fused backward ('auto', None or a float).
+    filter_grads: the gradients that filter: 'all', or 'input' (the classifier's gradient sums
+        every tile, the paper's pretraining recipe).
     patterns: names from `cce_inductor.patterns.PATTERNS` that may be rewritten; a site that
         needs any other is left alone (reason "disabled:<name>").
     drop_logits: return logits that leave the graph as empty `[..., 0]` tensors (see module doc).
     """
 
     filter_eps: FilterEps = "auto"
+    filter_grads: str = "all"
     patterns: frozenset[str] = patterns.PATTERNS
     drop_logits: bool = False
 
     def __post_init__(self) -> None:
         arguments.resolve_filter_eps(self.filter_eps, torch.float32)  # validates
+        arguments.check_filter_grads(self.filter_grads)
         unknown = set(self.patterns) - patterns.PATTERNS
         if unknown:
             raise ValueError(
@@ -190,6 +194,8 @@ def _insert_fused(
             linear_bias=bias, weight=site.class_weight, reduction=site.reduction,
             ignore_index=site.ignore_index, label_smoothing=site.label_smoothing,
             softcap=site.softcap, filter_eps=options.filter_eps,
+            # Only when set, so that graphs with the default stay as they were.
+            **({"filter_grads": options.filter_grads} if options.filter_grads != "all" else {}),
         )
         fused = new.cast(fused, patterns.example_value(site.loss).dtype)
         stand_ins = {

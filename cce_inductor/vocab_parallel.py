@@ -106,7 +106,8 @@ def sharded_loss(
     lse, target_logit, logit_sum, class_weight_sums = _ShardedRowStatistics.apply(
         rows.input, linear_weight, linear_bias, rows.target - start, rows.class_weight,
         rows.softcap, rows.label_smoothing > 0,
-        arguments.resolve_filter_eps(options.filter_eps, input.dtype), group,
+        arguments.resolve_filter_eps(options.filter_eps, input.dtype), options.filter_classifier,
+        group,
     )
     sharded_class_weight = (
         (class_weight_sums[:-1], class_weight_sums[-1]) if weight is not None else None
@@ -192,11 +193,12 @@ class _ShardedRowStatistics(torch.autograd.Function):
         softcap: Optional[float],
         with_logit_sum: bool,
         filter_eps: Optional[float],
+        filter_classifier: bool,
         group: Union[ProcessGroup, str],
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        block_lse, target_logit, logit_sum = dispatch.call(
+        block_lse, target_logit, logit_sum, tile_max, _ = dispatch.call(
             torch.ops.cce.linear_cross_entropy_fwd, input, classifier, bias, local_target,
-            class_weight, softcap, with_logit_sum, filter_eps,
+            class_weight, softcap, with_logit_sum, filter_eps, filter_classifier,
         )
         class_weight_parts = []
         if class_weight is not None:
@@ -215,10 +217,14 @@ class _ShardedRowStatistics(torch.autograd.Function):
             )
         )
         lse = row_max + sum_exp.log()
-        ctx.save_for_backward(input, classifier, bias, local_target, class_weight, lse)
+        # tile_max bounds this block's logits, so it stays valid against the global lse; the
+        # global lse comes without parts (its softmax keeps lse's fp32 rounding).
+        ctx.save_for_backward(input, classifier, bias, local_target, class_weight, lse, tile_max,
+                              None)
         ctx.softcap = softcap
         ctx.with_logit_sum = with_logit_sum
         ctx.filter_eps = filter_eps
+        ctx.filter_classifier = filter_classifier
         ctx.group = group
         ctx.mark_non_differentiable(class_weight_sums)
         return lse, target_logit, logit_sum, class_weight_sums
@@ -229,9 +235,9 @@ class _ShardedRowStatistics(torch.autograd.Function):
             functools.partial(dispatch.call, torch.ops.cce.linear_cross_entropy_bwd),
             ctx.saved_tensors, grad_lse, grad_target_logit,
             grad_logit_sum if ctx.with_logit_sum else None, ctx.softcap, ctx.filter_eps,
-            ctx.needs_input_grad,
+            ctx.filter_classifier, ctx.needs_input_grad,
         )
         if grad_input is not None:
             # input is replicated and every block contributes to its gradient.
             grad_input = compat.all_reduce(grad_input, "sum", ctx.group)
-        return grad_input, grad_classifier, grad_bias, None, None, None, None, None, None
+        return grad_input, grad_classifier, grad_bias, None, None, None, None, None, None, None

@@ -19,12 +19,15 @@ LOWERING_DIR = Path(__file__).resolve().parent
 
 
 def source_files() -> list[Path]:
-    """The files whose text decides the generated kernels: the lowerings, the templates, and
-    compat (how the lowerings call Inductor). The tools and the test harness are not among
-    them: they drive the lowering, they do not shape its kernels."""
+    """The files whose text decides the generated kernels: the lowerings, the templates, compat
+    (how the lowerings call Inductor) and ops (the op contract: tile_max's block). The tools and
+    the test harness are not among them: they drive the lowering, they do not shape its
+    kernels."""
+    from cce_inductor import ops
     from cce_inductor.lowering import common
 
-    return sorted(LOWERING_DIR.glob("*.py")) + common.template_files() + [Path(compat.__file__)]
+    return (sorted(LOWERING_DIR.glob("*.py")) + common.template_files()
+            + [Path(compat.__file__), Path(ops.__file__)])
 
 
 def source_hash(files: list[Path] | None = None) -> str:
@@ -33,8 +36,12 @@ def source_hash(files: list[Path] | None = None) -> str:
     for path in files if files is not None else source_files():
         hasher.update(path.name.encode())
         hasher.update(path.read_bytes())
-    # The filter-counting debug switch changes the backward kernel without changing a file.
+    from cce_inductor.lowering import backward
+
+    # The filter-counting debug switch changes the backward's graph without changing a file;
+    # so does planning the backward for other sizes than the hints (the memory report's).
     hasher.update(b"count_filtered_tiles=%d" % filter_stats.counting_enabled())
+    hasher.update(b"planned_for=%r" % (backward.planned_sizes(),))
     return hasher.hexdigest()
 
 

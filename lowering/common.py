@@ -105,12 +105,17 @@ def placeholder(device: torch.device, dtype: torch.dtype) -> Any:
     return compat.empty_buffer([0], dtype, device)
 
 
+def placeholder_2d(device: torch.device) -> Any:
+    """An empty [0, 0] fp32 buffer standing for an absent 2-D input (tile_max, lse_parts)."""
+    return compat.empty_buffer([0, 0], torch.float32, device)
+
+
 def empty(size: list[Any], dtype: torch.dtype, device: torch.device) -> Any:
     return compat.empty_buffer(size, dtype, device)
 
 
 def zeros(size: list[Any], dtype: torch.dtype, device: torch.device) -> Any:
-    """A realized zero-filled buffer (an accumulator that kernels atomically add into)."""
+    """A realized zero-filled buffer (an accumulator, a chunk index)."""
     return compat.zeros_buffer(size, dtype, device)
 
 

@@ -1,21 +1,23 @@
-"""Tile configurations of the CCE templates: the config types and the table mechanics.
+"""Tile configurations of the CCE templates: the config types, the table mechanics and the
+logit tile every kernel shares.
 
 Each kernel family's module (`lowering.forward`, `lowering.backward`) holds its own tables,
 beside its grid and lowering. A table lists configs per input width (16-bit or fp32) and GPU
 generation; its first config is the default (used without max-autotune) and max-autotune
-benchmarks the whole list. Every shipped config is compiled for sm_80 and sm_90a by
-`python -m cce_inductor.tools.gpu_readiness`, which checks it for register spills and shared
-memory.
+benchmarks the whole list. Every shipped config is compiled for sm_80 and sm_90a at the
+presets' shapes by `python -m cce_inductor.tools.gpu_readiness`, which checks registers,
+spills, shared memory and the CTAs per SM a config declares.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import re
-from typing import Iterator, Union
+from typing import Iterator, Optional, Union
 
 import torch
+
+from cce_inductor.ops import TILE_MAX_COLS, TILE_MAX_ROWS
 
 ARCHS = (80, 90)  # Ampere (sm_80) and Hopper (sm_90a)
 SIXTEEN_BIT, FLOAT32 = "16-bit", "fp32"  # input widths: bf16 / fp16, and fp32
@@ -23,50 +25,77 @@ WIDTHS = (SIXTEEN_BIT, FLOAT32)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class TileConfig:
-    block_n: int  # rows of E per tile
-    block_v: int  # vocabulary rows of C per tile
-    block_d: int  # hidden-dimension step of the logit matmul
+class LogitTile:
+    """The blocking of every logit computation, one per input width and arch (LOGIT_TILES):
+    the forward and the backward's dz kernel compute each logit with the same `cce_logits`
+    call on the same tile, so they round it identically (where the forward's softmax is exactly
+    one-hot, dz is exactly 0); the forward's tile_max blocks line up with the dz kernel's
+    tiles; the gradient kernel steps through dz tile by tile. So the kernels' configs vary only
+    what leaves the arithmetic alone: pipeline stages, vocabulary splits, program order, the
+    gradient kernel's output width and warps."""
+    block_n: int  # rows of E per tile, a multiple of TILE_MAX_ROWS
+    block_v: int  # classes per tile: TILE_MAX_COLS
+    block_d: int  # step along D of the logit matmul
     num_warps: int
-    num_stages: int
-    block_do: int = 0  # deterministic backward: width of the owned gradient tile along D
-    waves: int = 0  # forward: aim at waves x SMs programs by splitting the vocabulary (0: never)
+
+    def __post_init__(self) -> None:
+        if self.block_v != TILE_MAX_COLS or self.block_n % TILE_MAX_ROWS:
+            raise ValueError(f"{self}: tiles are {TILE_MAX_COLS} classes wide and a multiple "
+                             f"of {TILE_MAX_ROWS} rows high (the tile_max blocks)")
 
     def kwargs(self) -> dict[str, int]:
-        """Template constexprs and launch options."""
-        kw = {"BLOCK_N": self.block_n, "BLOCK_V": self.block_v, "BLOCK_D": self.block_d,
-              "num_warps": self.num_warps, "num_stages": self.num_stages}
-        if self.block_do:
-            kw["BLOCK_DO"] = self.block_do
-        if self.waves:
-            kw["WAVES"] = self.waves
-        return kw
+        return {"BLOCK_N": self.block_n, "BLOCK_V": self.block_v, "BLOCK_D": self.block_d,
+                "num_warps": self.num_warps}
 
     def name(self) -> str:
-        """BLOCK_NxBLOCK_VxBLOCK_D[xBLOCK_DO]_w<num_warps>_s<num_stages>[_waves<waves>], as the
-        GPU-readiness table shows it and the config tables are written (`tiles`)."""
-        do = f"x{self.block_do}" if self.block_do else ""
-        waves = f"_waves{self.waves}" if self.waves else ""
-        return (f"{self.block_n}x{self.block_v}x{self.block_d}{do}"
-                f"_w{self.num_warps}_s{self.num_stages}{waves}")
+        return f"{self.block_n}x{self.block_v}x{self.block_d}_w{self.num_warps}"
 
 
-_TILE_NAME = re.compile(
-    r"(?P<block_n>\d+)x(?P<block_v>\d+)x(?P<block_d>\d+)(?:x(?P<block_do>\d+))?"
-    r"_w(?P<num_warps>\d+)_s(?P<num_stages>\d+)(?:_waves(?P<waves>\d+))?"
-)
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ForwardConfig:
+    num_stages: int
+    waves: int  # split the vocabulary for at most waves x (CTA slots) programs (0: never split)
+    ctas_per_sm: int  # CTAs resident per SM, which the grid plans with (checked ahead of time)
+    group_rows: int  # row blocks per program group (L2 reuse of E rows and C tiles)
+
+    def kwargs(self) -> dict[str, int]:
+        return {"num_stages": self.num_stages, "WAVES": self.waves,
+                "CTAS_PER_SM": self.ctas_per_sm, "GROUP_ROWS": self.group_rows}
+
+    def name(self) -> str:
+        return f"s{self.num_stages}_waves{self.waves}_ctas{self.ctas_per_sm}_g{self.group_rows}"
 
 
-def tiles(*names: str) -> tuple[TileConfig, ...]:
-    """The tile configs of these names (see TileConfig.name), in order."""
-    configs = []
-    for name in names:
-        match = _TILE_NAME.fullmatch(name)
-        if match is None:
-            raise ValueError(f"not a tile config name: {name!r}")
-        configs.append(TileConfig(**{key: int(value) for key, value in match.groupdict().items()
-                                     if value is not None}))
-    return tuple(configs)
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DzConfig:
+    num_stages: int
+    ctas_per_sm: int
+    group_rows: int
+
+    def kwargs(self) -> dict[str, int]:
+        return {"num_stages": self.num_stages, "CTAS_PER_SM": self.ctas_per_sm,
+                "GROUP_ROWS": self.group_rows}
+
+    def name(self) -> str:
+        return f"s{self.num_stages}_ctas{self.ctas_per_sm}_g{self.group_rows}"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GradsConfig:
+    """The gradient kernel reduces in steps of the logit tile (BLOCK_N rows of dz for dC,
+    BLOCK_V classes for dE); each program owns BLOCK_DO columns of D of its output tile. Its
+    num_warps is its own (no logit is computed there)."""
+    block_do: int
+    num_warps: int
+    num_stages: int
+    ctas_per_sm: int
+
+    def kwargs(self) -> dict[str, int]:
+        return {"BLOCK_DO": self.block_do, "num_warps": self.num_warps,
+                "num_stages": self.num_stages, "CTAS_PER_SM": self.ctas_per_sm}
+
+    def name(self) -> str:
+        return f"do{self.block_do}_w{self.num_warps}_s{self.num_stages}_ctas{self.ctas_per_sm}"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -75,6 +104,7 @@ class CombineConfig:
     block_n: int
     block_s: int
     num_warps: int
+    ctas_per_sm: int = 8  # a few floats per row: register-light, many CTAs fit
 
     def kwargs(self) -> dict[str, int]:
         return {"BLOCK_N": self.block_n, "BLOCK_S": self.block_s, "num_warps": self.num_warps,
@@ -84,7 +114,7 @@ class CombineConfig:
         return f"{self.block_n}x{self.block_s}_w{self.num_warps}"
 
 
-Config = Union[TileConfig, CombineConfig]
+Config = Union[LogitTile, ForwardConfig, DzConfig, GradsConfig, CombineConfig]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -127,7 +157,22 @@ def arch_of(device: torch.device) -> int:
     return 80
 
 
+# The logit tile of each input width and arch. 16-bit: tensor-core tiles (mma.sync on sm_80,
+# two CTAs per SM; wgmma on sm_90a, one). fp32: FMA (or TF32) tiles, fewer rows to stay within
+# registers; 8 warps on sm_90a, where ptxas holds the 4-warp tile to 128 registers and spills.
+LOGIT_TILES = ConfigTable(
+    Row(widths=(SIXTEEN_BIT,), archs=(80,), configs=(
+        LogitTile(block_n=64, block_v=128, block_d=64, num_warps=4),)),
+    Row(widths=(SIXTEEN_BIT,), archs=(90,), configs=(
+        LogitTile(block_n=128, block_v=128, block_d=64, num_warps=8),)),
+    Row(widths=(FLOAT32,), archs=(80,), configs=(
+        LogitTile(block_n=32, block_v=128, block_d=32, num_warps=4),)),
+    Row(widths=(FLOAT32,), archs=(90,), configs=(
+        LogitTile(block_n=32, block_v=128, block_d=32, num_warps=8),)),
+)
+
 _forced: dict[str, tuple[Config, ...]] = {}
+_forced_tile: list[LogitTile] = []
 
 
 def select(kernel: str, table: ConfigTable, dtype: torch.dtype, arch: int,
@@ -138,16 +183,26 @@ def select(kernel: str, table: ConfigTable, dtype: torch.dtype, arch: int,
     return list(shipped) if all_configs else [shipped[0]]
 
 
+def logit_tile(dtype: torch.dtype, arch: int) -> LogitTile:
+    """The logit tile of every kernel for this dtype and arch (the forced one, if any)."""
+    return _forced_tile[-1] if _forced_tile else LOGIT_TILES.shipped(width_of(dtype), arch)[0]
+
+
 @contextlib.contextmanager
-def forced(**per_kernel: Union[Config, tuple[Config, ...]]) -> Iterator[None]:
-    """Lower with these configs (kernel name -> config, or a tuple of configs standing for the
-    kernel's shipped list: its first is the default); used to render every shipped config for
-    the GPU-readiness check and by tests."""
+def forced(tile: Optional[LogitTile] = None,
+           **per_kernel: Union[Config, tuple[Config, ...]]) -> Iterator[None]:
+    """Lower with this logit tile and these configs (kernel name -> config, or a tuple of
+    configs standing for the kernel's shipped list: its first is the default); used to render
+    every shipped config for the GPU-readiness check and by tests."""
     previous = dict(_forced)
     _forced.update({kernel: cfg if isinstance(cfg, tuple) else (cfg,)
                     for kernel, cfg in per_kernel.items()})
+    if tile is not None:
+        _forced_tile.append(tile)
     try:
         yield
     finally:
         _forced.clear()
         _forced.update(previous)
+        if tile is not None:
+            _forced_tile.pop()

@@ -1,11 +1,14 @@
 """The forward kernel family: cce::linear_cross_entropy_fwd lowered to two Triton templates.
 
 `cce_forward` computes partial row statistics over (row block, vocabulary range) programs into
-a small fp32 buffer PARTIALS [2 or 3, slots, N] (slots: the most vocabulary ranges any
+a small fp32 buffer PARTIALS [3 or 4, slots, N] (slots: the most vocabulary ranges any
 candidate config launches for this shape, see `vocab_splits`: O(N + SMs x BLOCK_N), never
-O(N x V)), and `cce_forward_combine` merges the ranges into lse, target_logit and logit_sum.
-Splitting the vocabulary keeps the GPU busy when there are few row blocks (small batches,
-inference): a forward config's `waves` asks for about waves x (SM count) programs.
+O(N x V)), and `cce_forward_combine` merges the ranges into lse, target_logit, logit_sum and
+lse_parts. Splitting the vocabulary fills whole waves of the GPU's CTA slots: a forward
+config's `waves` bounds the programs by waves x SMs x its CTAs per SM. When the backward will
+filter, `cce_forward` also records tile_max (the maximum logit of every 16 rows x 128 classes:
+1/2048 of the logits' count, fp32) for the backward's skipping before recomputation. Every
+kernel computes its logits on the one logit tile of `configs.LOGIT_TILES`.
 
 This module holds both kernels' grids, config tables and the lowering.
 """
@@ -17,28 +20,34 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from cce_inductor import compat
+from cce_inductor import compat, ops
 from cce_inductor.lowering import common, configs
 from cce_inductor.lowering.configs import (
-    FLOAT32, SIXTEEN_BIT, CombineConfig, ConfigTable, Row, tiles,
+    FLOAT32, SIXTEEN_BIT, CombineConfig, ConfigTable, ForwardConfig, Row,
 )
 
 
-def vocab_splits(n: Any, v: Any, block_n: int, block_v: int, programs: int, *,
+def vocab_splits(n: Any, v: Any, block_n: int, block_v: int, slots: int, waves: int, *,
                  cdiv: Callable, min: Callable, max: Callable) -> Any:
-    """How many vocabulary ranges the forward splits into: enough for about `programs` programs
-    over the cdiv(N, BLOCK_N) row blocks, at most one per vocabulary tile, 1 when the row blocks
-    alone are that many (or programs is 0). Works on ints and on sympy sizes (the grid and the
-    partial-statistics buffer of dynamic shapes): cdiv/min/max are passed in for that."""
-    if programs <= 0:
+    """How many vocabulary ranges the forward splits into: the most that keep the programs
+    (row blocks x splits) within `waves` full waves of `slots` CTA slots, at most one per
+    vocabulary tile, 1 when the row blocks alone fill that many (or waves is 0).
+
+    Rounding down means no partial extra wave: with R row blocks the programs are more than
+    waves x slots - R, so the waves lost to the tail are at most R / (waves x slots) of the
+    total. Works on ints and on sympy sizes (the grid and the partial-statistics buffer of
+    dynamic shapes): cdiv/min/max are passed in for that."""
+    if waves <= 0:
         return 1
     row_blocks = max(1, cdiv(n, block_n))
-    return max(1, min(cdiv(programs, row_blocks), cdiv(v, block_v)))
+    fitting = cdiv(waves * slots + 1, row_blocks) - 1  # floor(waves * slots / row_blocks)
+    return max(1, min(fitting, cdiv(v, block_v)))
 
 
 def _forward_grid(n, v, d, meta, *, cdiv, min, max):
     splits = vocab_splits(n, v, meta["BLOCK_N"], meta["BLOCK_V"],
-                          meta.get("WAVES", 0) * meta["SM_COUNT"], cdiv=cdiv, min=min, max=max)
+                          meta["CTAS_PER_SM"] * meta["SM_COUNT"], meta["WAVES"],
+                          cdiv=cdiv, min=min, max=max)
     return (cdiv(n, meta["BLOCK_N"]), splits, 1)
 
 
@@ -46,21 +55,23 @@ def _combine_grid(n, meta, *, cdiv):
     return (cdiv(n, meta["BLOCK_N"]), 1, 1)
 
 
-# Tiles are named BLOCK_NxBLOCK_VxBLOCK_D_w<warps>_s<stages>_waves<waves> (configs.tiles);
-# most split the vocabulary to about two waves of programs.
+# On the logit tile of the width and arch (configs.LOGIT_TILES): 16-bit sm_80 tiles fit two
+# CTAs per SM, the others one (fp32: two).
 FORWARD = common.Kernel(
     name="forward", grid=_forward_grid,
     table=ConfigTable(
-        Row(widths=(SIXTEEN_BIT,), archs=(80,), configs=tiles(
-            "64x128x64_w4_s3_waves2", "128x128x32_w8_s3_waves2", "64x256x32_w8_s3_waves2",
-            "128x64x64_w4_s3_waves2", "32x128x64_w4_s4_waves2", "64x128x64_w4_s3_waves4",
-            "64x128x64_w4_s3")),
-        Row(widths=(SIXTEEN_BIT,), archs=(90,), configs=tiles(
-            "128x128x64_w8_s3_waves2", "64x128x64_w4_s3_waves2", "128x256x64_w8_s3_waves2",
-            "64x256x64_w8_s3_waves2", "128x128x64_w8_s3_waves4", "128x128x64_w8_s3")),
-        Row(widths=(FLOAT32,), configs=tiles(
-            "64x64x32_w4_s3_waves2", "64x128x32_w4_s3_waves2", "128x64x32_w8_s3_waves2",
-            "64x64x32_w4_s3")),
+        Row(widths=(SIXTEEN_BIT,), archs=(80,), configs=(
+            ForwardConfig(num_stages=3, waves=8, ctas_per_sm=2, group_rows=8),
+            ForwardConfig(num_stages=4, waves=8, ctas_per_sm=2, group_rows=8),
+            ForwardConfig(num_stages=3, waves=4, ctas_per_sm=2, group_rows=4))),
+        Row(widths=(SIXTEEN_BIT,), archs=(90,), configs=(
+            ForwardConfig(num_stages=3, waves=8, ctas_per_sm=1, group_rows=8),
+            ForwardConfig(num_stages=4, waves=8, ctas_per_sm=1, group_rows=8),
+            ForwardConfig(num_stages=3, waves=4, ctas_per_sm=1, group_rows=4))),
+        Row(widths=(FLOAT32,), configs=(
+            ForwardConfig(num_stages=3, waves=8, ctas_per_sm=2, group_rows=8),
+            ForwardConfig(num_stages=4, waves=8, ctas_per_sm=2, group_rows=8),
+            ForwardConfig(num_stages=3, waves=4, ctas_per_sm=2, group_rows=4))),
     ),
 )
 # The combine reads a few floats per row and split: any small tile does.
@@ -80,13 +91,14 @@ def lower_forward(
     softcap: Optional[float],
     with_logit_sum: bool,
     filter_eps: Optional[float],
-) -> tuple[Any, Any, Any]:
+    filter_classifier: bool = True,
+) -> tuple[Any, Any, Any, Any, Any]:
     op = torch.ops.cce.linear_cross_entropy_fwd.default
     device, dtype = input.get_device(), input.get_dtype()
     reason = common.template_unavailable_reason(device, dtype)
     if reason is not None:
         return common.fallback(op, reason, input, classifier, bias, target, class_weight,
-                               softcap, with_logit_sum, filter_eps)
+                               softcap, with_logit_sum, filter_eps, filter_classifier)
 
     input, classifier, target = (common.realize(x) for x in (input, classifier, target))
     n, d = input.get_size()
@@ -96,34 +108,45 @@ def lower_forward(
                          else common.placeholder(device, torch.float32))
     arch, autotune = configs.arch_of(device), compat.max_autotune_enabled()
     cfgs = FORWARD.configs_for(dtype, arch, autotune)
+    tile = configs.logit_tile(dtype, arch)
     sm_count = common.sm_count(device)
     cdiv, min_, max_ = compat.sympy_size_functions()
     slots = max_(*(
-        vocab_splits(n, v, cfg.block_n, cfg.block_v, cfg.waves * sm_count,
+        vocab_splits(n, v, tile.block_n, tile.block_v, cfg.ctas_per_sm * sm_count, cfg.waves,
                      cdiv=cdiv, min=min_, max=max_)
         for cfg in cfgs
     ))
-    partials = common.empty([3 if with_logit_sum else 2, slots, n], torch.float32, device)
+    partials = common.empty([4 if with_logit_sum else 3, slots, n], torch.float32, device)
+    with_tile_max = ops.filters(filter_eps, with_logit_sum)
+    tile_max = (common.empty([cdiv(n, ops.TILE_MAX_ROWS), cdiv(v, ops.TILE_MAX_COLS)],
+                             torch.float32, device) if with_tile_max
+                else common.placeholder_2d(device))
     # See NOTE:[TritonTemplates with multiple outputs] in torch/_inductor/ir.py: the outputs are
     # buffers the kernels mutate, beside each template's own output (here a marker, then LSE).
     common.choose(
-        FORWARD, cfgs, [input, classifier, bias_node, target, class_weight_node, partials],
-        common.marker_layout(device), mutated=[partials],
+        FORWARD, cfgs,
+        [input, classifier, bias_node, target, class_weight_node, partials, tile_max],
+        common.marker_layout(device), mutated=[partials] + ([tile_max] if with_tile_max else []),
         call_sizes=[n, v, d], input_gen_fns=input_gen_fns(compat.size_hints_of([v])[0]),
         HAS_BIAS=bias is not None, HAS_CLASS_WEIGHT=class_weight is not None,
         WITH_LOGIT_SUM=bool(with_logit_sum), HAS_SOFTCAP=softcap is not None,
         SOFTCAP=float(softcap) if softcap is not None else 0.0, SM_COUNT=sm_count,
+        WITH_TILE_MAX=with_tile_max, TILE_MAX_ROWS=ops.TILE_MAX_ROWS, **tile.kwargs(),
         **common.dot_options(device, dtype),
     )
     target_logit = common.empty([n], torch.float32, device)
     logit_sum = common.empty([n] if with_logit_sum else [0], torch.float32, device)
+    lse_parts = common.empty([n, 2], torch.float32, device)
     lse = common.choose(
         FORWARD_COMBINE, FORWARD_COMBINE.configs_for(dtype, arch, autotune),
-        [common.realize(partials), target_logit, logit_sum],
-        compat.fixed_layout(device, torch.float32, [n]), mutated=[target_logit, logit_sum],
+        [common.realize(partials), target_logit, logit_sum, lse_parts],
+        compat.fixed_layout(device, torch.float32, [n]),
+        mutated=[target_logit, logit_sum, lse_parts],
         call_sizes=[n], input_gen_fns={}, WITH_LOGIT_SUM=bool(with_logit_sum),
     )
-    return lse, target_logit, logit_sum
+    if not with_tile_max:
+        tile_max = common.empty([0], torch.float32, device)
+    return lse, target_logit, logit_sum, tile_max, lse_parts
 
 
 def input_gen_fns(vocab: int) -> dict[int, Callable[[Any], torch.Tensor]]:

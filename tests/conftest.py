@@ -26,6 +26,16 @@ def fresh_compile(fresh_dynamo):
         yield
 
 
+@pytest.fixture
+def one_tile_chunks(monkeypatch):
+    """The Triton backward's vocabulary chunks one tile (128 classes) wide, so that any V beyond
+    one tile takes several chunks and the fp32 dE accumulator, as a long vocabulary does at a
+    realistic N."""
+    from cce_inductor.lowering import backward
+
+    monkeypatch.setattr(backward, "DZ_BUDGET_BYTES", 1)
+
+
 @pytest.fixture(scope="module")
 def single_threaded():
     """The module runs on one intra-op thread: these tests run many ops on small tensors, where

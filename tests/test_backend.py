@@ -208,6 +208,8 @@ def test_bad_options_are_refused():
         torch.compile(_linear_ce, backend="cce", options={"cce.no_such_option": 1})(*ARGS)
     with pytest.raises(ValueError, match="filter_eps"):
         make_cce_backend(filter_eps=-1.0)
+    with pytest.raises(ValueError, match="filter_grads"):
+        make_cce_backend(filter_grads="classifier")
 
 
 @pytest.mark.parametrize("filter_eps, filtered", [("auto", True), (None, False)])
@@ -224,6 +226,29 @@ def test_filter_eps(filter_eps, filtered):
         loss.backward()
     assert (stats.total > 0) == filtered
     assert (stats.skipped > 0) == filtered
+
+
+def test_filter_grads_input():
+    """options={"cce.filter_grads": "input"}: the classifier's gradient sums every tile (bitwise
+    the unfiltered one), the input's is filtered (bitwise that of filter_grads='all')."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 16, generator=gen).bfloat16()
+    w = (torch.randn(2048, 16, generator=gen) * 3).bfloat16()
+    y = torch.randint(0, 100, (4,), generator=gen)
+
+    def grads(**options):
+        torch._dynamo.reset()
+        leaves = [x.clone().requires_grad_(), w.clone().requires_grad_()]
+        with filter_stats.collect() as stats:
+            torch.compile(_linear_ce, backend="cce", options=options)(*leaves, y).backward()
+        return [leaf.grad for leaf in leaves], stats
+
+    (input_only, stats), (everywhere, _), (unfiltered, _) = (
+        grads(**{"cce.filter_grads": "input"}), grads(), grads(**{"cce.filter_eps": None}))
+    assert stats.skipped > 0
+    assert torch.equal(input_only[1], unfiltered[1])
+    assert torch.equal(input_only[0], everywhere[0])
+    assert not torch.equal(everywhere[1], unfiltered[1])
 
 
 def test_entry_point_in_fresh_process():

@@ -71,6 +71,7 @@ CASES = {
     "filter_eps_string": (dict(filter_eps="always"), ValueError, "filter_eps"),
     "filter_eps_negative": (dict(filter_eps=-1e-3), ValueError, "filter_eps"),
     "filter_eps_nan": (dict(filter_eps=float("nan")), ValueError, "filter_eps"),
+    "filter_grads_unknown": (dict(filter_grads="weight"), ValueError, "filter_grads"),
 }
 
 

@@ -1,19 +1,21 @@
-"""GPU readiness without a GPU: the default template configs compile for sm_80 and sm_90a
-without register spills, within shared memory, and with wgmma on Hopper for 16-bit inputs
-(every kernel but the forward combine, which does no matmul).
+"""GPU readiness without a GPU: the default template configs, rendered at Gemma 2 2B's shape
+(N=8192, V=256000, D=2304, bf16), compile for sm_80 and sm_90a without register spills, within
+shared memory, reaching the CTAs per SM their grids plan with, and with wgmma on Hopper for
+16-bit inputs (every kernel but the forward combine, which does no matmul).
 
-Runs the real chain (Inductor renders the kernels under the CPU interpreter, triton.compile with
-its bundled ptxas builds cubins, cuobjdump reads them). The whole shipped config list is checked
-by `python -m cce_inductor.tools.gpu_readiness --all` (minutes; not in CI).
+Runs the real chain (Inductor renders the kernels under the CPU interpreter with launches
+skipped, triton.compile with its bundled ptxas builds cubins, cuobjdump reads them). Every
+shipped config at every preset is checked by
+`python -m cce_inductor.tools.gpu_readiness --preset NAME --all` (tens of minutes; not in CI).
 """
 
 from __future__ import annotations
 
 import pytest
-import torch
 
 from cce_inductor.lowering import configs, forward
 from cce_inductor.tools import gpu_readiness
+from cce_inductor.tools.presets import PRESETS
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +24,7 @@ def default_rows():
         gpu_readiness.cuobjdump()
     except RuntimeError as error:
         pytest.skip(str(error))
-    return gpu_readiness.resource_table(all_configs=False, dtypes=[torch.bfloat16])
+    return gpu_readiness.resource_table(PRESETS["gemma2-2b"], all_configs=False)
 
 
 def test_every_default_kernel_is_measured(default_rows):
@@ -41,6 +43,7 @@ def test_defaults_do_not_spill_and_fit_shared_memory(default_rows):
         assert row.shared_bytes <= gpu_readiness.SHARED_LIMIT[row.arch], row
         assert row.shared_bytes > 0 or not has_matmul(row), row  # matmul operands are staged
         assert 0 < row.registers <= 255, row
+        assert row.ctas >= row.declared_ctas, row
 
 
 def test_hopper_uses_wgmma_for_16_bit(default_rows):

@@ -22,13 +22,14 @@ import reference
 from cce_inductor import compat, filter_stats
 from cce_inductor.lowering import backward, configs, forward
 from cce_inductor.tools import interpreter
-from generated_code import allocated_shapes, forward_launches, kernel_calls
+from generated_code import allocated_shapes, forward_launches, kernel_calls, kernel_sources
 
 # N*V = 1680 is neither N*D = 960 nor V*D = 2800; V and D are no multiples of any block size.
 N, D, V = 24, 40, 70
 
 
-pytestmark = pytest.mark.usefixtures("fresh_compile")
+# Fresh compiles; the backward's vocabulary chunks one tile wide (several chunks beyond V = 128).
+pytestmark = pytest.mark.usefixtures("fresh_compile", "one_tile_chunks")
 
 
 assert_fused = functools.partial(generated_code.assert_fused, n=N, v=V, d=D)
@@ -68,21 +69,24 @@ def test_compiled_matches_reference(case):
     assert_fused(codes)
 
 
-# 16 x 16 forward tiles, vocabulary split to fill two waves of the interpreter's 4 "SMs".
-SPLIT_TILES = configs.TileConfig(block_n=16, block_v=16, block_d=16, num_warps=4, num_stages=1,
-                                 waves=2)
+# 16-row tiles, vocabulary split to fill two waves of the interpreter's 4 "SMs" (one CTA each),
+# row blocks in groups of two.
+SPLIT_TILE = configs.LogitTile(block_n=16, block_v=128, block_d=16, num_warps=4)
+SPLIT = configs.ForwardConfig(num_stages=1, waves=2, ctas_per_sm=1, group_rows=2)
+SPLIT_V = 600  # 5 tiles of 128, the last one 88 wide
 
 
-@pytest.mark.parametrize("n, grid", [(N, (2, 4)), (36, (3, 3))])
+@pytest.mark.parametrize("n, grid", [(N, (2, 4)), (36, (3, 2))])
 def test_split_vocabulary_forward(n, grid):
-    """The forward splits V = 70 (5 tiles of 16) into vocabulary ranges of 2 tiles: at N = 24,
-    2 row blocks x 4 ranges [0, 32), [32, 64), [64, 70) and an empty one; at N = 36, 3 x 3.
-    Label smoothing with class weights and softcap exercise all three partial statistics."""
-    with configs.forced(forward=SPLIT_TILES):
+    """The forward splits V = 600 (5 tiles) into at most floor(2 waves x 4 slots / row blocks)
+    ranges: at N = 24, 2 row blocks x 4 ranges of 2 tiles, [0, 256), [256, 512), [512, 600)
+    and an empty one; at N = 36, 3 row blocks (groups of 2 and 1) x 2 ranges. Label smoothing
+    with class weights and softcap exercise all three partial statistics."""
+    with configs.forced(tile=SPLIT_TILE, forward=SPLIT):
         codes = run_compiled(torch.bfloat16, dict(label_smoothing=0.1, softcap=5.0), n=n,
-                             bias=True, class_weight=True)
+                             v=SPLIT_V, bias=True, class_weight=True)
     assert forward_launches(codes) == [grid]
-    assert_fused(codes, n=n)
+    assert_fused(codes, n=n, v=SPLIT_V)
 
 
 def test_autotuned_forward_fills_unused_split_slots():
@@ -91,15 +95,17 @@ def test_autotuned_forward_fills_unused_split_slots():
     combine then reads. Autotuning is steered to that config by Inductor's choice filter."""
     import torch._inductor.config as inductor_config
 
-    unsplit = dataclasses.replace(SPLIT_TILES, waves=0)
-    default_backward = backward.BACKWARD.configs_for(torch.float32, 80, False)[0]
-    with configs.forced(forward=(SPLIT_TILES, unsplit), backward=default_backward), \
+    unsplit = dataclasses.replace(SPLIT, waves=0)
+    defaults = {kernel.name: kernel.configs_for(torch.float32, 80, False)[0]
+                for kernel in backward.KERNELS}
+    with configs.forced(tile=SPLIT_TILE, forward=(SPLIT, unsplit), **defaults), \
             inductor_config.patch({"max_autotune": True,
                                    "test_configs.autotune_choice_desc_regex": "^(?!.*WAVES=2)"}):
-        codes = run_compiled(torch.float32, dict(label_smoothing=0.1), class_weight=True)
+        codes = run_compiled(torch.float32, dict(label_smoothing=0.1), v=SPLIT_V,
+                             class_weight=True)
     assert forward_launches(codes) == [(2, 1)]
-    assert "3, 4, 24" in allocated_shapes(codes)
-    assert_fused(codes)
+    assert "4, 4, 24" in allocated_shapes(codes)
+    assert_fused(codes, v=SPLIT_V)
 
 
 def test_dynamic_rows_compile_once():
@@ -173,11 +179,14 @@ def test_vocab_parallel_eager_call_runs_the_templates(tmp_path):
     assert_fused(codes)
 
 
-def test_deterministic_backward_is_reproducible():
-    """use_deterministic_algorithms selects the atomics-free template: same bits every run."""
-    inputs = reference.make_inputs(N, V, D, torch.bfloat16, bias=True)
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_backward_is_reproducible(deterministic):
+    """With or without use_deterministic_algorithms the backward is the atomics-free one: no
+    atomic in any generated kernel, the same bits on every run (V = 300: three chunks)."""
+    inputs = reference.make_inputs(N, 300, D, torch.bfloat16, bias=True)
     compiled = compiled_api()
-    torch.use_deterministic_algorithms(True)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
     try:
         with interpreter.interpreted():
             first, codes = compat.run_and_get_code(
@@ -185,11 +194,11 @@ def test_deterministic_backward_is_reproducible():
             )
             second = reference.loss_and_grads(compiled, inputs, torch.bfloat16)
     finally:
-        torch.use_deterministic_algorithms(False)
-    assert_fused(codes)
-    source = "".join(codes)
-    assert "OWNS_ROWS : tl.constexpr = True" in source  # the dE kernel
-    assert "OWNS_ROWS : tl.constexpr = False" in source  # the dC / dbias kernel
+        torch.use_deterministic_algorithms(previous)
+    assert_fused(codes, v=300)
+    sources = kernel_sources(codes)
+    assert any("arg_DZ" in source for source in sources.values())
+    assert not [name for name, source in sources.items() if re.search(r"\batomic_\w+\(", source)]
     for name in first:
         assert torch.equal(first[name], second[name]), name
 
@@ -254,7 +263,7 @@ def test_cpu_without_harness_falls_back_to_eager_ops(caplog):
         return torch.ops.cce.linear_cross_entropy_fwd(e, c, None, t, None, None, False, None)
 
     with caplog.at_level(logging.INFO, logger="cce_inductor"), torch.no_grad():
-        (lse, target_logit, _), codes = compat.run_and_get_code(
+        (lse, target_logit, _, _, _), codes = compat.run_and_get_code(
             torch.compile(row_statistics, backend="inductor"), e, c, t
         )
     calls = kernel_calls(codes)

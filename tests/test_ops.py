@@ -57,7 +57,9 @@ def test_opcheck_forward(options, requires_grad):
 
 
 # Every combination of the three needs_grad flags with all options on; each other option set
-# with every gradient. filter_eps alternates so both backward paths pass through opcheck.
+# with every gradient. filter_eps alternates so both backward paths pass through opcheck; with
+# it, the forward's tile_max goes in (lse_parts always), and filter_classifier alternates with
+# needs_grad[2].
 BACKWARD_CASES = [
     (OPTION_SETS[3], needs_grad, 1e-3 if needs_grad[1] else None)
     for needs_grad in itertools.product([False, True], repeat=3)
@@ -73,9 +75,9 @@ BACKWARD_IDS = [
 def test_opcheck_backward(options, needs_grad, filter_eps):
     bias, class_weight, softcap, with_logit_sum = options
     t = _tensors(bias=bias, class_weight=class_weight)
-    lse, _, _ = torch.ops.cce.linear_cross_entropy_fwd(
+    lse, _, _, tile_max, lse_parts = torch.ops.cce.linear_cross_entropy_fwd(
         t["input"], t["weight"], t["bias"], t["target"], t["class_weight"], softcap,
-        with_logit_sum, None,
+        with_logit_sum, filter_eps,
     )
     gen = torch.Generator().manual_seed(1)
     grad_lse, grad_target_logit, grad_logit_sum = torch.randn(3, N, generator=gen)
@@ -83,7 +85,7 @@ def test_opcheck_backward(options, needs_grad, filter_eps):
         torch.ops.cce.linear_cross_entropy_bwd.default,
         (t["input"], t["weight"], t["bias"], t["target"], t["class_weight"], lse, grad_lse,
          grad_target_logit, grad_logit_sum if with_logit_sum else None, softcap, filter_eps,
-         *needs_grad),
+         *needs_grad, tile_max, lse_parts, not needs_grad[2]),
     )
 
 

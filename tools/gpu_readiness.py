@@ -1,19 +1,27 @@
-"""GPU readiness without a GPU: compile every shipped template config for sm_80 and sm_90a.
+"""GPU readiness without a GPU: compile every shipped template config for sm_80 and sm_90a at
+the shapes it will run at.
 
-Each config is rendered by Inductor itself (a tiny graph compiled under the CPU interpreter
-harness, the config forced), its kernel source is compiled ahead of time, in a fresh
-subprocess (the interpreter leaves triton.language patched in its process), with
+Each config is rendered by Inductor itself at a preset's N, V, D (a static-shape CCE loss +
+backward, the configs forced) under the CPU interpreter harness with every kernel launch skipped:
+generating the code needs the tensors but not the kernels' results, and sizes as the real
+kernels see them (constants, loop trip counts, the backward's chunk width) decide registers and
+pipelining. Its kernel source is compiled ahead of time, in a fresh subprocess (the interpreter
+leaves triton.language patched in its process), with
 `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))` using triton's bundled
 ptxas, and `cuobjdump --dump-resource-usage` reads registers and spill stack from the cubin.
 Shared memory is Triton's dynamic allocation (compiled metadata); the cubin's static SHARED is 0.
 sm_90a kernels are also checked for wgmma (Hopper tensor cores) in the PTX. Pointer arguments
 are compiled as 16-byte aligned, as Inductor marks them for GPU inputs (see compile_for_gpu).
+CTAs per SM follow from registers, warps and shared memory (see `ctas_per_sm`); a config must
+reach the CTAs per SM it declares (its grid plans waves with them).
 
-    python -m cce_inductor.tools.gpu_readiness [--all]
+    python -m cce_inductor.tools.gpu_readiness [--preset gemma2-2b] [--all]
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -24,25 +32,31 @@ import sys
 import tempfile
 import types
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
 from cce_inductor.lowering import backward, configs, forward
+from cce_inductor.tools.presets import PRESETS, Shape
 
-# Opt-in shared memory per block: A100 163 KiB, H100 227 KiB.
-SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
-HIDDEN = 256  # D of the graph the kernels are rendered from
-_KERNEL_DEF = re.compile(r"async_compile\.triton\('(\w+)', '''(.*?)'''", re.S)
 # Every template kernel, by name (the key of configs.forced).
 KERNELS = {kernel.name: kernel for kernel in (*forward.KERNELS, *backward.KERNELS)}
+
+# Opt-in shared memory per block: A100 163 KiB, H100 227 KiB; per SM 164 and 228 KiB, of which
+# the driver reserves 1 KiB per resident block.
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+SHARED_PER_SM = {80: 164 * 1024, 90: 228 * 1024}
+REGISTERS_PER_SM = 65536
+THREADS_PER_SM = 2048
+BLOCKS_PER_SM = 32
+_KERNEL_DEF = re.compile(r"async_compile\.triton\('(\w+)', '''(.*?)'''", re.S)
 # The interpreter's bf16 tl.dot workaround must not reach GPU code.
 _INTERPRETER_ONLY = ("DOT_FP32 : tl.constexpr = True", "DOT_FP32 : tl.constexpr = False")
 
 
 @dataclasses.dataclass(frozen=True)
 class Resources:
-    kernel: str  # a name of KERNELS (backward_owned with [dE] or [dC])
+    kernel: str  # a name of KERNELS
     dtype: str
     config: str
     arch: int
@@ -50,10 +64,27 @@ class Resources:
     spill_bytes: int
     shared_bytes: int
     wgmma: bool
+    num_warps: int = 4
+    declared_ctas: int = 1  # the CTAs per SM the config's grid plans with
+
+    @property
+    def ctas(self) -> int:
+        return ctas_per_sm(self.registers, self.num_warps, self.shared_bytes, self.arch)
 
     @property
     def fits(self) -> bool:
-        return self.spill_bytes == 0 and self.shared_bytes <= SHARED_LIMIT[self.arch]
+        return (self.spill_bytes == 0 and self.shared_bytes <= SHARED_LIMIT[self.arch]
+                and self.ctas >= self.declared_ctas)
+
+
+def ctas_per_sm(registers: int, num_warps: int, shared_bytes: int, arch: int) -> int:
+    """Resident CTAs per SM: registers are allocated per warp in units of 256 (8 per thread),
+    shared memory per block plus 1 KiB reserved, at most 2048 threads and 32 blocks."""
+    per_warp = -(-registers * 32 // 256) * 256
+    by_registers = (REGISTERS_PER_SM // per_warp) // num_warps if per_warp else BLOCKS_PER_SM
+    by_shared = SHARED_PER_SM[arch] // (shared_bytes + 1024)
+    by_threads = THREADS_PER_SM // (32 * num_warps)
+    return min(by_registers, by_shared, by_threads, BLOCKS_PER_SM)
 
 
 def cuobjdump() -> str:
@@ -67,33 +98,44 @@ def cuobjdump() -> str:
     return found
 
 
-def render(dtype: torch.dtype, deterministic: bool, **forced: configs.Config) -> dict[str, str]:
-    """Inductor's source of the template kernels for a small CCE graph (forward and backward),
-    with the given configs forced; keyed by kernel name in the wrapper."""
+@contextlib.contextmanager
+def _launches_skipped() -> Iterator[None]:
+    """Interpreted kernels do nothing: code generation at full size without the compute."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    run = InterpretedFunction.run
+    InterpretedFunction.run = lambda self, *args, **kwargs: None
+    try:
+        yield
+    finally:
+        InterpretedFunction.run = run
+
+
+def render(shape: Shape, dtype: torch.dtype, tile: configs.LogitTile,
+           **forced: configs.Config) -> dict[str, str]:
+    """Inductor's source of the template kernels of a CCE loss + backward at `shape` (static;
+    bias, softcap 30 and the default filter on, as a Gemma 2 head trains), with this logit
+    tile and these configs forced; keyed by kernel name in the wrapper. Nothing is computed:
+    the tensors are allocated uninitialized and every kernel launch is skipped."""
     import cce_inductor
     from cce_inductor import compat
     from cce_inductor.tools import interpreter
 
-    # D spans several BLOCK_D steps, as real hidden sizes do: the D loop is then kept and
-    # software-pipelined (a single step would be folded away and compile differently).
-    gen = torch.Generator().manual_seed(0)
-    e = torch.randn(8, HIDDEN, generator=gen).to(dtype).requires_grad_()
-    c = torch.randn(40, HIDDEN, generator=gen).to(dtype).requires_grad_()
-    b = torch.randn(40, generator=gen).to(dtype).requires_grad_()
-    t = torch.randint(0, 40, (8,), generator=gen)
+    e = torch.empty(shape.n, shape.d, dtype=dtype).requires_grad_()
+    c = torch.empty(shape.v, shape.d, dtype=dtype).requires_grad_()
+    b = torch.empty(shape.v, dtype=dtype).requires_grad_()
+    t = torch.zeros(shape.n, dtype=torch.int64)
 
     def step() -> None:
         fn = torch.compile(cce_inductor.linear_cross_entropy, backend="inductor")
-        fn(e, c, t, linear_bias=b, softcap=20.0).backward()
+        fn(e, c, t, linear_bias=b, softcap=30.0).backward()
 
     torch.compiler.reset()
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(deterministic)
     try:
-        with compat.fresh_inductor_cache(), interpreter.interpreted(), configs.forced(**forced):
+        with compat.fresh_inductor_cache(), interpreter.interpreted(), _launches_skipped(), \
+                configs.forced(tile=tile, **forced):
             _, codes = compat.run_and_get_code(step)
     finally:
-        torch.use_deterministic_algorithms(previous)
         torch.compiler.reset()
     return {name: src for code in codes for name, src in _KERNEL_DEF.findall(code)
             if name.startswith("triton_tem_")}
@@ -174,59 +216,59 @@ def _run_compile_jobs(path: Path) -> None:
 
 def kernel_of(source: str) -> str:
     """Which kernel of KERNELS an Inductor-rendered CCE template source is."""
-    if "OWNS_ROWS : tl.constexpr" in source:
-        return backward.BACKWARD_OWNED.name
-    if "arg_PARTIALS" in source:
-        return forward.FORWARD.name if "arg_E" in source else forward.FORWARD_COMBINE.name
-    return backward.BACKWARD.name
+    if "arg_DZ" in source:
+        return (backward.BACKWARD_DZ if "arg_TILE_MAX" in source else backward.BACKWARD_GRADS).name
+    return (forward.FORWARD if "arg_E" in source else forward.FORWARD_COMBINE).name
 
 
-def _label(kernel: str, source: str) -> str:
-    if kernel != backward.BACKWARD_OWNED.name:
-        return kernel
-    return kernel + ("[dE]" if "OWNS_ROWS : tl.constexpr = True" in source else "[dC]")
-
-
-def _renders(dtype: torch.dtype, arch: int, all_configs: bool
-             ) -> list[tuple[bool, dict[str, configs.Config]]]:
-    """The (deterministic, forced configs) renders that cover the configs of `arch` (or just
-    its defaults): one render forces a config of each kernel it builds, so the forward, combine
-    and atomic backward share renders, and the deterministic backward gets its own."""
+def _renders(dtype: torch.dtype, arch: int, all_configs: bool) -> list[dict[str, configs.Config]]:
+    """The forced configs of each render that covers the configs of `arch` (or its defaults):
+    render i forces config i of every kernel that has one (a kernel's last config stands in
+    when its list is shorter)."""
     lists = {name: kernel.table.shipped(configs.width_of(dtype), arch)
              for name, kernel in KERNELS.items()}
-    if not all_configs:
-        lists = {kernel: table[:1] for kernel, table in lists.items()}
-    groups = [(False, (forward.FORWARD.name, forward.FORWARD_COMBINE.name, backward.BACKWARD.name)),
-              (True, (backward.BACKWARD_OWNED.name,))]
-    return [(deterministic, {kernel: lists[kernel][i] for kernel in kernels
-                             if i < len(lists[kernel])})
-            for deterministic, kernels in groups
-            for i in range(max(len(lists[kernel]) for kernel in kernels))]
+    count = max(len(table) for table in lists.values()) if all_configs else 1
+    return [{kernel: table[min(i, len(table) - 1)] for kernel, table in lists.items()}
+            for i in range(count)]
 
 
-def resource_table(all_configs: bool = False, dtypes: Optional[list[torch.dtype]] = None
-                   ) -> list[Resources]:
-    """Resources of the default configs (or of every shipped config) on their arch."""
+def _num_warps(config: configs.Config, tile: configs.LogitTile) -> int:
+    return getattr(config, "num_warps", None) or tile.num_warps
+
+
+def resource_table(shape: Shape, all_configs: bool = False,
+                   dtypes: Optional[list[torch.dtype]] = None) -> list[Resources]:
+    """Resources of the default configs (or of every shipped config) on their arch, rendered
+    at `shape` (in `dtypes`, default the shape's own)."""
     jobs, labels = [], []
-    for dtype in dtypes or [torch.bfloat16, torch.float32]:
+    for dtype in dtypes or [shape.torch_dtype]:
         for arch in configs.ARCHS:
-            for deterministic, forced in _renders(dtype, arch, all_configs):
-                sources = render(dtype, deterministic, **forced)
+            tile = configs.LOGIT_TILES.shipped(configs.width_of(dtype), arch)[0]
+            seen: set[tuple[str, str]] = set()
+            for forced in _renders(dtype, arch, all_configs):
+                sources = render(shape, dtype, tile, **forced)
                 for name, source in sorted(sources.items()):
                     kernel = kernel_of(source)
-                    if kernel in forced:
-                        jobs.append({"name": name, "source": source, "arch": arch})
-                        labels.append((_label(kernel, source), str(dtype).replace("torch.", ""),
-                                       forced[kernel].name(), arch))
-    return [Resources(*label, **result) for label, result in zip(labels, _compile_jobs(jobs))]
+                    config = forced[kernel]
+                    label = f"{tile.name()}/{config.name()}"
+                    if (kernel, label) in seen:
+                        continue
+                    seen.add((kernel, label))
+                    jobs.append({"name": name, "source": source, "arch": arch})
+                    labels.append(dict(kernel=kernel, dtype=str(dtype).replace("torch.", ""),
+                                       config=label, arch=arch,
+                                       num_warps=_num_warps(config, tile),
+                                       declared_ctas=config.ctas_per_sm))
+    return [Resources(**label, **result) for label, result in zip(labels, _compile_jobs(jobs))]
 
 
 def format_table(rows: list[Resources]) -> str:
-    header = ("kernel", "dtype", "config", "arch", "regs", "spill B", "shared B", "wgmma", "ok")
+    header = ("kernel", "dtype", "tile/config", "arch", "regs", "spill B", "shared B",
+              "CTAs/SM (declared)", "wgmma", "ok")
     lines = [header] + [
         (r.kernel, r.dtype, r.config, f"sm_{r.arch}{'a' if r.arch >= 90 else ''}",
          str(r.registers), str(r.spill_bytes), str(r.shared_bytes),
-         "yes" if r.wgmma else "no", "yes" if r.fits else "NO")
+         f"{r.ctas} ({r.declared_ctas})", "yes" if r.wgmma else "no", "yes" if r.fits else "NO")
         for r in rows
     ]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
@@ -238,7 +280,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     if argv[:1] == ["--compile-jobs"]:
         _run_compile_jobs(Path(argv[1]))
         return 0
-    rows = resource_table(all_configs="--all" in argv)
+    parser = argparse.ArgumentParser(
+        prog="python -m cce_inductor.tools.gpu_readiness",
+        description="Compile the shipped template configs for sm_80 and sm_90a at a preset's "
+        "shape; print registers, spills, shared memory and CTAs per SM.")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="gemma2-2b")
+    parser.add_argument("--all", action="store_true", help="every shipped config, not only "
+                        "the defaults")
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
+                        help="render in this dtype (default: the preset's)")
+    args = parser.parse_args(argv)
+    shape = PRESETS[args.preset]
+    dtypes = [getattr(torch, args.dtype)] if args.dtype else None
+    rows = resource_table(shape, all_configs=args.all, dtypes=dtypes)
+    print(f"{args.preset}: {shape.describe()}")
     print(format_table(rows))
     return 0 if all(r.fits for r in rows) else 1
 
