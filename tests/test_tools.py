@@ -35,14 +35,16 @@ def _allocations(fn) -> list[int]:
 
 
 def _loss_and_gradient(backend: str, shape: Shape):
-    """Compile loss+grad at TINY with dynamic shapes; the two wrappers replayed at `shape`, and
-    the allocator events of the same compiled code run at `shape`."""
+    """Compile loss+grad at TINY with dynamic shapes, planned for Gemma 2 2B as the memory
+    report plans it; the two wrappers replayed at `shape`, and the allocator events of the same
+    compiled code run at `shape`."""
     device = torch.device("cpu")
     tiny = dataclasses.replace(memory_report.TINY, dtype=shape.dtype)
-    sources, compiled = memory_report.compile_wrappers(backend, "loss+grad", tiny, device)
+    sources, compiled = memory_report.compile_wrappers(backend, "loss+grad", tiny, device,
+                                                       planned=PRESETS["gemma2-2b"])
     forward, backward = (replay(source, memory_report.sizes_at(shape)) for source in sources)
     hidden, classifier, target = memory_report.make_inputs(shape, device, with_grad=True, seed=1)
-    with memory_report.code_generation(backend, device):
+    with memory_report.code_generation(backend, device, PRESETS["gemma2-2b"]):
         events = _allocations(lambda: compiled(hidden, classifier, target).backward())
     return sources, forward, backward, events
 
@@ -88,8 +90,12 @@ def test_memory_report_at_gemma2_2b(capsys):
     rows = {line.split("|")[1].strip(): line for line in summary.splitlines()}
     # torch.compile keeps the bf16 logits, 8192 * 256000 * 2 bytes = 4000 MB; cce about nothing.
     assert "4,000.0" in rows["torch.compile"] or "4,000.1" in rows["torch.compile"]
-    loss_mb = float(rows['backend="cce"'].split("|")[2].replace(",", ""))
+    loss_mb, _, both_mb = (
+        float(cell.replace(",", "")) for cell in rows['backend="cce"'].split("|")[2:5])
     assert loss_mb < 1.0
+    # The gradients' floor, 1161 MB, plus the fp32 dE accumulator (N x D x 4 bytes: 72 MB) and
+    # at most 37 MB of working space (dz chunk, tile maps, row statistics).
+    assert both_mb <= 1161 + 72 + 37, both_mb
     quadratic = next(line for line in text.splitlines() if line.startswith("Buffers that grow"))
     assert "torch.compile forward buf" in quadratic and "[N, V]" in quadratic
     assert 'backend="cce"' not in quadratic
@@ -149,7 +155,7 @@ def test_dump_smoke(tmp_path, capsys, monkeypatch):
     # The ahead-of-time GPU builds are the lowering's tests' business (minutes); here only
     # that the dump writes what they return.
     row = gpu_readiness.Resources("forward", "bfloat16", "cfg", 90, 128, 0, 32768, True)
-    monkeypatch.setattr(gpu_readiness, "resource_table", lambda all_configs=False: [row])
+    monkeypatch.setattr(gpu_readiness, "resource_table", lambda shape, all_configs=False: [row])
     out = tmp_path / "dump"
     assert dump.main(["--out", str(out), "--shape", "layers=0", "--shape", "seq=8"]) == 0
     text = capsys.readouterr().out
@@ -172,3 +178,47 @@ def test_megabytes_format():
     assert measure.megabytes(None) == "—"
     assert measure.megabytes(2**20 * 1161) == "1,161.0"
     assert measure.megabytes(32768) == "0.031"
+
+
+def test_work_model_at_gemma2_2b(capsys):
+    """The estimate, from the kernels' own configs and grids: this backward does less work than
+    main's atomic one (same products, logits recomputed only where kept) and far less than
+    main's deterministic one; the forward fills whole waves of an H100's 132 SMs."""
+    from cce_inductor.tools import work_model
+
+    assert bench.main(["--preset", "gemma2-2b", "--work-model", "--gpu", "H100"]) == 0
+    text = capsys.readouterr().out
+    assert "an estimate" in text and "6 NVD" in text and "8 NVD" in text
+    shape, gpu = PRESETS["gemma2-2b"], work_model.GPUS["H100"]
+    ours, atomic, owned = work_model.designs(shape, gpu, kept=0.36, recomputed=0.36)
+    nvd = shape.n * shape.v * shape.d
+    assert ours.flops() == pytest.approx((2 + 2 * 0.36 + 4 * 0.36) * nvd)  # in units of NVD
+    assert ours.flops() < atomic.flops() < owned.flops()
+    assert not any(kernel.l2_atomic_bytes for kernel in ours.kernels)
+    forward = ours.kernels[0]
+    assert forward.kernel == "forward" and forward.last_wave_fill > 0.5
+    with pytest.raises(ValueError, match="kept-fraction"):
+        bench.main(["--work-model", "--kept-fraction", "1.5"])
+
+
+def test_kept_tiles_smoke(capsys):
+    from cce_inductor.tools import kept_tiles
+
+    assert kept_tiles.main(["--steps", "2", "--vocab", "1024", "--hidden", "32", "--layers", "0",
+                            "--batch-size", "2", "--rows", "256"]) == 0
+    text = capsys.readouterr().out
+    for order in ("tokenizer ids", "sorted by mean logit", "random ids"):
+        assert order in text
+
+
+def test_kept_tile_fractions_follow_the_rule():
+    """Every tile that holds a target or a softmax value >= 2**-12 is kept; the tiles
+    skippable early are negligible ones (here: all of them, the rows being alike)."""
+    from cce_inductor.tools import kept_tiles
+
+    logits = torch.full((64, 512), -30.0)
+    target = torch.arange(64) % 128
+    logits[torch.arange(64), target] = 0.0
+    logits[0, 300] = -5.0  # p ~ e^-5 > 2**-12: tile 2 of the first row block is kept
+    kept, early = kept_tiles.tile_fractions(logits, target, 32)
+    assert kept == pytest.approx(3 / 8) and early == pytest.approx(5 / 8)

@@ -3,6 +3,7 @@
     cce-bench                                  # preset 'default' (N=1024, V=32768, D=256, fp32)
     cce-bench --preset gemma2-2b --json out.json --png out.png     # on a GPU
     cce-bench --preset gemma2-2b --memory-report                   # no run: read compiled code
+    cce-bench --preset gemma2-2b --work-model --gpu A100           # no run: estimated work
 
 Each implementation runs in its own process (compile caches and memory peaks stay apart) on the
 same inputs, saved once. Per implementation and mode: median time over repetitions after
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 from tabulate import tabulate
 
 from cce_inductor import compat, filter_stats
-from cce_inductor.tools import measure
+from cce_inductor.tools import measure, work_model
 from cce_inductor.tools.interpreter import triton_on_cpu
 from cce_inductor.tools.presets import DTYPES, PRESETS, Shape, resolve
 
@@ -277,7 +278,7 @@ def _filter_tiles(
     interpret_templates: bool,
 ) -> list[int]:
     """[skipped, total] backward filter tiles of one loss+grad run. Compiled kernels count
-    only when lowered with counting on (it costs atomics and a sync), so this run compiles
+    only when lowered with counting on (it costs a host sync), so this run compiles
     afresh, after the timed ones."""
     hidden, classifier, target = _device_inputs(inputs, device, with_grad=True)
     torch.compiler.reset()
@@ -372,6 +373,12 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
         help="instead of running, report the buffers the compiled loss+grad allocates at this "
         "shape (read from Inductor's generated code; see cce_inductor.tools.memory_report)",
     )
+    parser.add_argument(
+        "--work-model", action="store_true",
+        help="instead of running, estimate the CCE kernels' work at this shape on --gpu "
+        "(see cce_inductor.tools.work_model)",
+    )
+    work_model.add_arguments(parser)
     args = parser.parse_args(argv)
     if args.interpret_templates and args.device != "cpu":
         parser.error("--interpret-templates is for --device cpu (a GPU runs the templates)")
@@ -380,8 +387,8 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
         if name not in known:
             parser.error(f"unknown implementation {name!r}; known: {sorted(known)}")
     if (
-        not args.memory_report and args.device == "cpu" and args.preset != "default"
-        and not args.allow_slow
+        not (args.memory_report or args.work_model) and args.device == "cpu"
+        and args.preset != "default" and not args.allow_slow
     ):
         parser.error(
             f"preset {args.preset!r} takes hours on a CPU; pass --allow-slow to run it anyway, "
@@ -482,6 +489,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         from cce_inductor.tools import memory_report
 
         print(memory_report.render(memory_report.build(shape, args.preset)))
+        return 0
+    if args.work_model:
+        print(work_model.report(shape, args.preset, args))
         return 0
     device = torch.device(args.device)
     selected = [

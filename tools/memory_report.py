@@ -4,7 +4,9 @@
     cce-bench --preset gemma2-2b --memory-report          # the same
 
 The loss (and loss + gradient) is compiled at a tiny shape with every size dynamic, by
-torch.compile's default backend and by backend="cce". The generated wrappers are then replayed
+torch.compile's default backend and by backend="cce", the latter planned for the preset (the cce
+backward's vocabulary chunk count, which a compile at the preset would choose from the size
+hints of N and V: `cce_inductor.lowering.backward.planned_for`). The generated wrappers are then replayed
 at the preset's sizes on the `meta` device (`wrapper_memory`), which lists every buffer the
 compiled code would allocate there and the peak, next to the paper's Table 1. On CUDA the
 wrappers are CUDA's own; on a CPU-only machine, the cce graphs are compiled with Inductor's
@@ -23,7 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +37,10 @@ from cce_inductor.tools.interpreter import triton_on_cpu
 from cce_inductor.tools.presets import DTYPES, PRESETS, Shape, resolve
 from cce_inductor.tools.wrapper_memory import Allocation, GraphMemory, replay
 
+# A buffer this fraction of the fp32 logits or more that grows with N·V is listed as such; the
+# cce backward's small per-tile maps (tile_max: 4 bytes per 2048 logits, the kept map: one byte
+# per tile) grow with N·V too, far below it.
+LOGIT_SCALE = 1 / 64
 # Compile-time sizes: distinct, so each size is its own symbol, and D a multiple of 16 (tl.dot).
 TINY = Shape(n=48, v=208, d=32, dtype="float32")
 BACKENDS = (("torch.compile", "inductor"), ('backend="cce"', "cce"))
@@ -55,7 +61,9 @@ class Buffer:
     graph: str  # "loss" (forward only), "forward" or "backward" (of loss+grad)
     allocation: Allocation
     dims: str  # the shape in terms of N, V, D
-    grows_with_nv: bool  # at least 4x the bytes when N and V both double, near this shape
+    # At logit scale (at least LOGIT_SCALE of the fp32 [N, V] logits' bytes) and at least 4x
+    # the bytes when N and V both double, near this shape.
+    grows_with_nv: bool
 
 
 @dataclasses.dataclass
@@ -82,9 +90,16 @@ def _loss(hidden: torch.Tensor, classifier: torch.Tensor, target: torch.Tensor) 
     return F.cross_entropy(F.linear(hidden, classifier), target)
 
 
-def code_generation(backend: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """On a CPU, the cce graphs go through the Triton templates (interpreted), as on a GPU."""
-    return triton_on_cpu(backend == "cce" and device.type == "cpu")
+@contextlib.contextmanager
+def code_generation(backend: str, device: torch.device,
+                    planned: Optional[Shape] = None) -> Iterator[None]:
+    """On a CPU, the cce graphs go through the Triton templates (interpreted), as on a GPU;
+    with `planned`, the cce backward is planned for that shape's N and V."""
+    from cce_inductor.lowering import backward
+
+    with triton_on_cpu(backend == "cce" and device.type == "cpu"), \
+            backward.planned_for(*((planned.n, planned.v) if planned else ())):
+        yield
 
 
 def make_inputs(
@@ -105,11 +120,12 @@ def make_inputs(
 
 
 def compile_wrappers(
-    backend: str, mode: str, shape: Shape, device: torch.device
+    backend: str, mode: str, shape: Shape, device: torch.device, planned: Optional[Shape] = None
 ) -> tuple[list[str], Callable[..., torch.Tensor]]:
     """Compile the loss (one graph) or loss+grad (forward, backward) at `shape` with every
-    size dynamic (Dynamo raises if one gets specialized); return the wrapper sources and the
-    compiled loss, which serves any other shape without recompiling."""
+    size dynamic (Dynamo raises if one gets specialized), planned for `planned` (see
+    code_generation); return the wrapper sources and the compiled loss, which serves any other
+    shape without recompiling."""
     torch.compiler.reset()
     with_grad = mode == "loss+grad"
     hidden, classifier, target = make_inputs(shape, device, with_grad)
@@ -120,7 +136,7 @@ def compile_wrappers(
         if with_grad:
             loss.backward()
 
-    with code_generation(backend, device):
+    with code_generation(backend, device, planned):
         _, sources = compat.run_and_get_code(run)
     expected = 2 if with_grad else 1
     if len(sources) != expected:
@@ -159,10 +175,12 @@ def analyse(source: str, shape: Shape) -> tuple[GraphMemory, list[tuple[str, boo
         "D": replay(source, sizes_at(dataclasses.replace(shape, d=2 * shape.d))),
     }
     both = replay(source, sizes_at(dataclasses.replace(shape, n=2 * shape.n, v=2 * shape.v)))
+    logit_bytes = shape.n * shape.v * 4
     facts = [
         (
             _dims(allocation, {key: other.allocations[i] for key, other in scaled.items()}, shape),
-            allocation.nbytes > 0 and both.allocations[i].nbytes >= 4 * allocation.nbytes,
+            allocation.nbytes >= LOGIT_SCALE * logit_bytes
+            and both.allocations[i].nbytes >= 4 * allocation.nbytes,
         )
         for i, allocation in enumerate(memory.allocations)
     ]
@@ -176,7 +194,7 @@ def build(shape: Shape, preset: str, device: Optional[torch.device] = None) -> R
     buffers: list[Buffer] = []
     for implementation, backend in BACKENDS:
         for mode in MODES:
-            sources, _ = compile_wrappers(backend, mode, tiny, device)
+            sources, _ = compile_wrappers(backend, mode, tiny, device, planned=shape)
             names = ["loss"] if mode == "loss" else ["forward", "backward"]
             for graph, source in zip(names, sources):
                 memory, facts = analyse(source, shape)
@@ -238,7 +256,8 @@ def render(report: Report, top: int = 12) -> str:
         f"{buffer.implementation} {buffer.graph} {buffer.allocation.name} {buffer.dims}"
         for buffer in report.buffers if buffer.grows_with_nv
     ]
-    lines += ["", "Buffers that grow with N·V: " + ("; ".join(quadratic) or "none")]
+    lines += ["", "Buffers that grow with N·V, of logit scale (at least "
+              f"1/{round(1 / LOGIT_SCALE)} of the fp32 logits): " + ("; ".join(quadratic) or "none")]
     return "\n".join(lines)
 
 

@@ -87,6 +87,30 @@ def argument_names(source: str) -> list[str]:
     raise UnsupportedWrapper("call() does not unpack its arguments")
 
 
+def _asserted_layouts(source: str) -> dict[str, tuple[str, str]]:
+    """name -> (sizes, strides) source text of each `assert_size_stride` in `call`."""
+    layouts = {}
+    for statement in call_body(source):
+        node = ast.parse(statement).body[0]
+        if (isinstance(node, ast.Expr) and isinstance(node.value, ast.Call)
+                and ast.unparse(node.value.func) == "assert_size_stride"):
+            name, sizes, strides = (ast.unparse(arg) for arg in node.value.args[:3])
+            layouts[name] = (sizes, strides)
+    return layouts
+
+
+def _symbols(source: str, arguments: dict[str, Any]) -> dict[str, int]:
+    """The symbolic sizes `call` binds (`s48 = primals_1`, `s59 = s48`) at the values of the
+    integer arguments given."""
+    values = {name: value for name, value in arguments.items() if isinstance(value, int)}
+    for statement in call_body(source):
+        node = ast.parse(statement).body[0]
+        if (isinstance(node, ast.Assign) and isinstance(node.value, ast.Name)
+                and node.value.id in values and isinstance(node.targets[0], ast.Name)):
+            values[node.targets[0].id] = values[node.value.id]
+    return values
+
+
 def _meta_empty_strided(size, stride, dtype=None, *args, **kwargs) -> torch.Tensor:
     return torch.empty_strided(tuple(size), tuple(stride), dtype=dtype, device="meta")
 
@@ -153,8 +177,11 @@ class _Replay:
     def _example_inputs(self, source: str) -> dict[str, Any]:
         """Execute `get_args()` on the meta device with the sizes substituted: ints are
         symbolic sizes, `rand_strided` makes (dense) tensors, `torch.as_strided` views of a
-        storage several inputs share (kept only without substitution)."""
+        storage several inputs share (kept only without substitution). An input whose sizes
+        are expressions of the symbolic sizes (a saved [cdiv(N, 16), ...] tensor) takes them
+        from the wrapper's `assert_size_stride` of it, evaluated at the substituted sizes."""
         values: dict[str, Any] = {}
+        asserted = _asserted_layouts(source)
         for statement in _function(source, "get_args").body:
             if not isinstance(statement, ast.Assign):
                 continue
@@ -166,10 +193,16 @@ class _Replay:
                 size, stride = (ast.literal_eval(arg) for arg in value.args[:2])
                 keywords = {keyword.arg: keyword.value for keyword in value.keywords}
                 dtype = getattr(torch, ast.unparse(keywords["dtype"]).split(".")[-1])
-                values[name] = _meta_empty_strided(
-                    [self._size(item, name) for item in size], self._strides(size, stride, name),
-                    dtype,
-                )
+                if self.sizes is not None and name in asserted and not all(
+                        item in (0, 1) or item in self.sizes for item in size):
+                    size, stride = (
+                        eval(expression, {"max": max, "min": min}, _symbols(source, values))
+                        for expression in asserted[name]
+                    )
+                else:
+                    size, stride = ([self._size(item, name) for item in size],
+                                    self._strides(size, stride, name))
+                values[name] = _meta_empty_strided(size, stride, dtype)
             elif function == "torch.as_strided" and self.sizes is None:
                 base = values[ast.unparse(value.args[0])]
                 size, stride, *offset = (ast.literal_eval(arg) for arg in value.args[1:])
