@@ -44,6 +44,8 @@ from cce_inductor.lowering.configs import (
 # The dz buffer's size at the planned N: with the tile_max and kept maps it keeps the working
 # space beyond the gradients and the fp32 dE accumulator under 37 MiB at the presets.
 DZ_BUDGET_BYTES = 32 << 20
+# The gradient kernel lists a program's kept tiles this many verdicts at a time.
+LIST_BLOCK = 64
 # Early skipping compares exp(tile_max - lse + EARLY_LOG_MARGIN) with filter_eps. The margin
 # (in logit units) absorbs the rounding of exp and a recomputed logit that differs from the
 # forward's by a few ulps, should a GPU's code contract the two kernels' arithmetic differently;
@@ -190,6 +192,7 @@ def lower_backward(
         return tuple(common.empty([0], dtypes[key], device) for key in needs)
 
     arch = configs.arch_of(device)
+    all_configs = compat.max_autotune_enabled()
     tile = configs.logit_tile(dtype, arch)
     filtering = ops.filters(filter_eps, grad_logit_sum is not None)
     filter_dc = filtering and bool(filter_classifier)
@@ -230,17 +233,29 @@ def lower_backward(
         EARLY_SKIP=early_skip, EARLY_LOG_MARGIN=EARLY_LOG_MARGIN, WRITE_ALL=write_all,
         TILE_MAX_ROWS=ops.TILE_MAX_ROWS, **tile.kwargs(), **common.dot_options(device, dtype),
     )
+    grads_configs = BACKWARD_GRADS.configs_for(dtype, arch, all_configs)
     grads_constexprs = dict(
-        FILTER_DE=filtering, FILTER_DC=filter_dc, ACCUMULATE=accumulate,
+        FILTER_DE=filtering, FILTER_DC=filter_dc, ACCUMULATE=accumulate, LIST_BLOCK=LIST_BLOCK,
         BLOCK_N=tile.block_n, BLOCK_V=tile.block_v, **needs, **common.dot_options(device, dtype),
     )
     grads_mutated = [grad for grad, key in ((grad_input, "NEED_DE"),
                                             (grad_classifier, "NEED_DC"),
                                             (grad_bias, "NEED_DBIAS")) if needs[key]]
-    all_configs = compat.max_autotune_enabled()
     marker = common.marker_layout(device)
     call_sizes = [n, v, d, width]
     vocab = compat.size_hints_of([v])[0]
+    # Each filtering program of the gradient kernel lists its kept tiles in a row of its own:
+    # room for the most programs a config launches, as long as its longest list.
+    if filtering:
+        _, min_, max_ = compat.sympy_size_functions()
+        programs = max_(*(sum(grads_programs(
+            n, v, d, width, {"BLOCK_N": tile.block_n, "BLOCK_V": tile.block_v,
+                             "BLOCK_DO": cfg.block_do, **needs}, cdiv=cdiv))
+            for cfg in grads_configs))
+        lists = common.empty([programs, max_(cdiv(n, tile.block_n), cdiv(width, tile.block_v))],
+                             torch.int32, device)
+    else:
+        lists = common.placeholder_2d(device)
     for chunk in range(chunks):
         current, following = chunk_index[chunk % 2], chunk_index[(chunk + 1) % 2]
         common.choose(
@@ -250,10 +265,11 @@ def lower_backward(
             input_gen_fns=dz_input_gen_fns(vocab), **dz_constexprs,
         )
         common.choose(
-            BACKWARD_GRADS, BACKWARD_GRADS.configs_for(dtype, arch, all_configs),
-            [input, classifier, dz, kept, current, grad_input, grad_classifier, grad_bias],
-            marker,
-            mutated=grads_mutated, call_sizes=call_sizes,
+            BACKWARD_GRADS, grads_configs,
+            [input, classifier, dz, kept, current, lists, grad_input, grad_classifier,
+             grad_bias],
+            marker, mutated=grads_mutated + ([lists] if filtering else []),
+            call_sizes=call_sizes,
             input_gen_fns=grads_input_gen_fns(), **grads_constexprs,
         )
     if filter_stats.counting_enabled():  # a host-side call after the kernels: see filter_stats

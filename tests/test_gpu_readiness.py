@@ -1,7 +1,8 @@
 """GPU readiness without a GPU: the default template configs, rendered at Gemma 2 2B's shape
 (N=8192, V=256000, D=2304, bf16), compile for sm_80 and sm_90a without register spills, within
 shared memory, reaching the CTAs per SM their grids plan with, and with wgmma on Hopper for
-16-bit inputs (every kernel but the forward combine, which does no matmul).
+16-bit inputs, their operand loads software-pipelined (every kernel but the forward combine,
+which does no matmul).
 
 Runs the real chain (Inductor renders the kernels under the CPU interpreter with launches
 skipped, triton.compile with its bundled ptxas builds cubins, cuobjdump reads them). Every
@@ -49,3 +50,10 @@ def test_defaults_do_not_spill_and_fit_shared_memory(default_rows):
 def test_hopper_uses_wgmma_for_16_bit(default_rows):
     for row in default_rows:
         assert row.wgmma == (row.arch >= 90 and has_matmul(row)), row
+
+
+def test_matmul_loads_are_pipelined(default_rows):
+    """Every matmul loop loads its operands with asynchronous copies (software pipelining): the
+    gradient kernel loops over lists of kept tiles, not under `if kept:`, for that."""
+    for row in default_rows:
+        assert row.pipelined or not has_matmul(row), row

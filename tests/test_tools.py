@@ -154,7 +154,7 @@ def test_dump_smoke(tmp_path, capsys, monkeypatch):
 
     # The ahead-of-time GPU builds are the lowering's tests' business (minutes); here only
     # that the dump writes what they return.
-    row = gpu_readiness.Resources("forward", "bfloat16", "cfg", 90, 128, 0, 32768, True)
+    row = gpu_readiness.Resources("forward", "bfloat16", "cfg", 90, 128, 0, 32768, True, True)
     monkeypatch.setattr(gpu_readiness, "resource_table", lambda shape, all_configs=False: [row])
     out = tmp_path / "dump"
     assert dump.main(["--out", str(out), "--shape", "layers=0", "--shape", "seq=8"]) == 0

@@ -10,7 +10,8 @@ leaves triton.language patched in its process), with
 `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))` using triton's bundled
 ptxas, and `cuobjdump --dump-resource-usage` reads registers and spill stack from the cubin.
 Shared memory is Triton's dynamic allocation (compiled metadata); the cubin's static SHARED is 0.
-sm_90a kernels are also checked for wgmma (Hopper tensor cores) in the PTX. Pointer arguments
+sm_90a kernels are also checked for wgmma (Hopper tensor cores) in the PTX, and every kernel
+for asynchronous copies (cp.async: its loads software-pipelined). Pointer arguments
 are compiled as 16-byte aligned, as Inductor marks them for GPU inputs (see compile_for_gpu).
 CTAs per SM follow from registers, warps and shared memory (see `ctas_per_sm`); a config must
 reach the CTAs per SM it declares (its grid plans waves with them).
@@ -64,6 +65,7 @@ class Resources:
     spill_bytes: int
     shared_bytes: int
     wgmma: bool
+    pipelined: bool  # cp.async in the PTX: operand loads overlap the matmuls
     num_warps: int = 4
     declared_ctas: int = 1  # the CTAs per SM the config's grid plans with
 
@@ -193,7 +195,7 @@ def usage(compiled: Any) -> tuple[int, int]:
 
 def _compile_jobs(jobs: list[dict]) -> list[dict]:
     """Compile jobs {name, source, arch} in a fresh interpreter-free subprocess; return
-    {registers, spill_bytes, shared_bytes, wgmma} for each."""
+    {registers, spill_bytes, shared_bytes, wgmma, pipelined} for each."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "jobs.json"
         path.write_text(json.dumps(jobs))
@@ -210,7 +212,8 @@ def _run_compile_jobs(path: Path) -> None:
         registers, spill = usage(compiled)
         results.append({"registers": registers, "spill_bytes": spill,
                         "shared_bytes": compiled.metadata.shared,
-                        "wgmma": "wgmma" in compiled.asm["ptx"]})
+                        "wgmma": "wgmma" in compiled.asm["ptx"],
+                        "pipelined": "cp.async" in compiled.asm["ptx"]})
     (path.parent / "results.json").write_text(json.dumps(results))
 
 
@@ -264,11 +267,12 @@ def resource_table(shape: Shape, all_configs: bool = False,
 
 def format_table(rows: list[Resources]) -> str:
     header = ("kernel", "dtype", "tile/config", "arch", "regs", "spill B", "shared B",
-              "CTAs/SM (declared)", "wgmma", "ok")
+              "CTAs/SM (declared)", "wgmma", "pipelined", "ok")
     lines = [header] + [
         (r.kernel, r.dtype, r.config, f"sm_{r.arch}{'a' if r.arch >= 90 else ''}",
          str(r.registers), str(r.spill_bytes), str(r.shared_bytes),
-         f"{r.ctas} ({r.declared_ctas})", "yes" if r.wgmma else "no", "yes" if r.fits else "NO")
+         f"{r.ctas} ({r.declared_ctas})", "yes" if r.wgmma else "no",
+         "yes" if r.pipelined else "no", "yes" if r.fits else "NO")
         for r in rows
     ]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
