@@ -63,11 +63,11 @@ def _signature(args: tuple, tensors: list[int], rows: tuple[int, ...]) -> tuple:
     ) + (wants_grad,)
 
 
-def _lowering_switches() -> tuple[bool, bool, bool]:
+def _lowering_switches() -> tuple[bool, bool]:
     """Global settings the lowering reads (so the compiled graph depends on them) that Dynamo's
-    guards may not cover: filter-tile counting, TF32 matmuls, deterministic algorithms."""
-    return (filter_stats.counting_enabled(), bool(torch.backends.cuda.matmul.allow_tf32),
-            torch.are_deterministic_algorithms_enabled())
+    guards may not cover: filter-tile counting, TF32 matmuls. (Deterministic algorithms need no
+    entry: the backward has no atomics either way.)"""
+    return (filter_stats.counting_enabled(), bool(torch.backends.cuda.matmul.allow_tf32))
 
 
 def _rows_dynamic(tensor: Tensor) -> Tensor:
@@ -80,7 +80,7 @@ def _rows_dynamic(tensor: Tensor) -> Tensor:
 
 @functools.cache
 def _compiled(name: str, arity: int, constants: tuple, signature: tuple,
-              switches: tuple[bool, bool, bool]) -> Callable[..., Any]:
+              switches: tuple[bool, bool]) -> Callable[..., Any]:
     """The compiled op `name` with its non-tensor arguments (`constants`: (position, value))
     fixed; it takes the tensor arguments in order. `signature` and `switches` (see
     _lowering_switches) only key the cache."""
