@@ -10,8 +10,10 @@ returns per-row fp32 statistics of the logits z = input @ classifier.T + bias (s
     target_logit z[i, target[i]], 0 where target[i] is outside [0, V)
     logit_sum    sum_j class_weight[j] * z[i, j] (or sum_j z[i, j]); shape [0] unless asked for
     tile_max     an upper bound of z over each block of TILE_MAX_ROWS rows x TILE_MAX_COLS
-                 classes, [cdiv(N, 16), cdiv(V, 128)], when the backward will filter (filter_eps
-                 set and no logit sum), else shape [0]. The Triton forward records the blocks'
+                 classes, [cdiv(N, 16) * cdiv(V, 128)] (row groups x vocabulary tiles, flat:
+                 a dimension cdiv(N, 16), which is 1 for every N <= 16, would have Dynamo
+                 specialize on it), when the backward will filter (filter_eps set and no logit
+                 sum), else shape [0]. The Triton forward records the blocks'
                  maximum logits, so that the backward can skip negligible tiles without
                  recomputing them; the blocked implementation records +inf (no bound: nothing is
                  skipped early). Any upper bound is correct; tighter bounds skip more.
@@ -68,8 +70,8 @@ def tile_max_shape(rows, vocab, filter_eps: Optional[float], with_logit_sum: boo
     """Shape of the forward's tile_max output (rows and vocab may be symbolic)."""
     if not filters(filter_eps, with_logit_sum):
         return (0,)
-    return ((rows + TILE_MAX_ROWS - 1) // TILE_MAX_ROWS,
-            (vocab + TILE_MAX_COLS - 1) // TILE_MAX_COLS)
+    return (((rows + TILE_MAX_ROWS - 1) // TILE_MAX_ROWS)
+            * ((vocab + TILE_MAX_COLS - 1) // TILE_MAX_COLS),)
 
 
 def _row_positions(fn: Callable) -> tuple[int, ...]:

@@ -15,7 +15,8 @@ run, so torch.use_deterministic_algorithms needs no other variant. The work is t
 design's (2 N V D FLOPs for the logits, 2 N V D for each product, all times the kept fraction)
 plus the dz traffic (written once, read twice).
 
-Memory beyond dE and dC: the dz buffer (N x VC, at most DZ_BUDGET_BYTES at the planned N), the
+Memory beyond dE and dC: the dz buffer (N x VC, at most DZ_BUDGET_BYTES and a quarter of the
+gradients' bytes at the planned N), the
 fp32 dE accumulator (N x D x 4 bytes, when there are several chunks), the kept map (one byte per
 tile) and the forward's tile_max (4 bytes per 16 x 128 logits). The chunk count is a constant of
 the generated code (one pair of launches per chunk), chosen from the size hints of N and V;
@@ -41,9 +42,12 @@ from cce_inductor.lowering.configs import (
     FLOAT32, SIXTEEN_BIT, ConfigTable, DzConfig, GradsConfig, Row,
 )
 
-# The dz buffer's size at the planned N: with the tile_max and kept maps it keeps the working
-# space beyond the gradients and the fp32 dE accumulator under 37 MiB at the presets.
+# The dz buffer's size at the planned N, at most: with the tile_max and kept maps it keeps the
+# working space beyond the gradients and the fp32 dE accumulator under 37 MiB at the presets.
 DZ_BUDGET_BYTES = 32 << 20
+# and at most this fraction of the gradients' own bytes, (N + V) x D x itemsize: so that a small
+# problem's backward holds no buffer the size of its logits either (a few more chunks then).
+DZ_GRADIENT_FRACTION = 1 / 4
 # The gradient kernel lists a program's kept tiles this many verdicts at a time.
 LIST_BLOCK = 64
 # Early skipping compares exp(tile_max - lse + EARLY_LOG_MARGIN) with filter_eps. The margin
@@ -107,33 +111,34 @@ BACKWARD_GRADS = common.Kernel(
 KERNELS = (BACKWARD_DZ, BACKWARD_GRADS)
 
 
-_planned: list[tuple[int, int]] = []
+_planned: list[tuple[int, ...]] = []
 
 
 @contextlib.contextmanager
-def planned_for(*rows_and_vocab: int) -> Iterator[None]:
-    """Plan the chunks of backwards lowered in the block for N, V = rows_and_vocab instead of
-    their size hints (nothing changes without arguments). The memory report generates code at a
-    tiny shape planned for a preset's, as a compile at the preset would plan it; a model with
+def planned_for(*sizes: int) -> Iterator[None]:
+    """Plan the chunks of backwards lowered in the block for N, V, D = sizes instead of their
+    size hints (nothing changes without arguments). The memory report generates code at a tiny
+    shape planned for a preset's, as a compile at the preset would plan it; a model with
     dynamic N can plan the working space for its largest batch."""
-    if rows_and_vocab:
-        _planned.append(tuple(rows_and_vocab))
+    if sizes:
+        _planned.append(tuple(sizes))
     try:
         yield
     finally:
-        if rows_and_vocab:
+        if sizes:
             _planned.pop()
 
 
-def planned_sizes() -> tuple[int, int] | None:
-    """The (N, V) that planned_for() set, if any (part of the FX graph cache key)."""
+def planned_sizes() -> tuple[int, int, int] | None:
+    """The (N, V, D) that planned_for() set, if any (part of the FX graph cache key)."""
     return _planned[-1] if _planned else None
 
 
-def chunk_count(n: int, v: int, itemsize: int, block_v: int) -> int:
+def chunk_count(n: int, v: int, d: int, itemsize: int, block_v: int) -> int:
     """How many vocabulary chunks keep the dz buffer N x VC x itemsize within DZ_BUDGET_BYTES
-    (VC a multiple of block_v, at least one tile)."""
-    tiles_fitting = max(1, DZ_BUDGET_BYTES // (max(n, 1) * itemsize * block_v))
+    and DZ_GRADIENT_FRACTION of the gradients (VC a multiple of block_v, at least one tile)."""
+    budget = min(DZ_BUDGET_BYTES, int(DZ_GRADIENT_FRACTION * (n + v) * d * itemsize))
+    tiles_fitting = max(1, budget // (max(n, 1) * itemsize * block_v))
     return -(-(-(-v // block_v)) // tiles_fitting)
 
 
@@ -142,11 +147,11 @@ def chunk_width(v: Any, chunks: int, block_v: int, *, cdiv: Callable) -> Any:
     return block_v * cdiv(cdiv(v, block_v), chunks)
 
 
-def chunk_plan(n: Any, v: Any, itemsize: int, block_v: int) -> tuple[int, Any]:
-    """(number of chunks, chunk width VC) planned at the size hints of N and V (or at
+def chunk_plan(n: Any, v: Any, d: Any, itemsize: int, block_v: int) -> tuple[int, Any]:
+    """(number of chunks, chunk width VC) planned at the size hints of N, V and D (or at
     planned_for's sizes); VC may be symbolic (V dynamic), the count never is."""
-    n_hint, v_hint = planned_sizes() or compat.size_hints_of([n, v])
-    chunks = chunk_count(n_hint, v_hint, itemsize, block_v)
+    n_hint, v_hint, d_hint = planned_sizes() or compat.size_hints_of([n, v, d])
+    chunks = chunk_count(n_hint, v_hint, d_hint, itemsize, block_v)
     return chunks, chunk_width(v, chunks, block_v, cdiv=compat.sympy_size_functions()[0])
 
 
@@ -200,10 +205,10 @@ def lower_backward(
     # and no tile may be skipped before its logits are recomputed.
     write_all = (needs["NEED_DE"] and not filtering) or (
         (needs["NEED_DC"] or needs["NEED_DBIAS"]) and not filter_dc)
-    has_tile_max = tile_max is not None and len(tile_max.get_size()) == 2
+    has_tile_max = tile_max is not None and tile_max.get_numel() != 0
     early_skip = filtering and has_tile_max and not write_all
 
-    chunks, width = chunk_plan(n, v, dtype.itemsize, tile.block_v)
+    chunks, width = chunk_plan(n, v, d, dtype.itemsize, tile.block_v)
     cdiv = compat.sympy_size_functions()[0]
     dz = common.empty([n, width], dtype, device)
     kept = common.empty([cdiv(n, tile.block_n), cdiv(v, tile.block_v)], torch.int8, device)
@@ -221,7 +226,7 @@ def lower_backward(
     dz_inputs = [
         input, classifier, optional(bias, dtype), target, optional(class_weight, torch.float32),
         lse, common.realize(lse_parts) if lse_parts is not None else common.placeholder_2d(device),
-        common.realize(tile_max) if early_skip else common.placeholder_2d(device),
+        common.realize(tile_max) if early_skip else common.placeholder(device, torch.float32),
         grad_lse, grad_target_logit, optional(grad_logit_sum, torch.float32),
     ]
     dz_constexprs = dict(

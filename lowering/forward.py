@@ -118,9 +118,9 @@ def lower_forward(
     ))
     partials = common.empty([4 if with_logit_sum else 3, slots, n], torch.float32, device)
     with_tile_max = ops.filters(filter_eps, with_logit_sum)
-    tile_max = (common.empty([cdiv(n, ops.TILE_MAX_ROWS), cdiv(v, ops.TILE_MAX_COLS)],
+    tile_max = (common.empty([cdiv(n, ops.TILE_MAX_ROWS) * cdiv(v, ops.TILE_MAX_COLS)],
                              torch.float32, device) if with_tile_max
-                else common.placeholder_2d(device))
+                else common.placeholder(device, torch.float32))
     # See NOTE:[TritonTemplates with multiple outputs] in torch/_inductor/ir.py: the outputs are
     # buffers the kernels mutate, beside each template's own output (here a marker, then LSE).
     common.choose(
@@ -144,8 +144,6 @@ def lower_forward(
         mutated=[target_logit, logit_sum, lse_parts],
         call_sizes=[n], input_gen_fns={}, WITH_LOGIT_SUM=bool(with_logit_sum),
     )
-    if not with_tile_max:
-        tile_max = common.empty([0], torch.float32, device)
     return lse, target_logit, logit_sum, tile_max, lse_parts
 
 

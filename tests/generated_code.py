@@ -67,13 +67,14 @@ def assert_templates_launched(calls: list[str]) -> None:
                for c in calls), calls
 
 
-def dz_chunk_numel(n: int, v: int) -> int:
-    """The most elements the backward's dz chunk [N, VC] may have: VC as planned for 1-byte
-    elements (the widest chunk any dtype gets) under the current DZ_BUDGET_BYTES."""
+def dz_chunk_numel(n: int, v: int, d: int) -> int:
+    """The most elements the backward's dz chunk [N, VC] may have: VC as planned for 4-byte
+    elements, whose budget in elements is the largest (the gradients' own fraction caps it)."""
     from cce_inductor import ops
     from cce_inductor.lowering import backward
 
-    chunks = backward.chunk_count(n, v, 1, ops.TILE_MAX_COLS)
+    chunks = min(backward.chunk_count(n, v, d, itemsize, ops.TILE_MAX_COLS)
+                 for itemsize in (2, 4))
     return n * backward.chunk_width(v, chunks, ops.TILE_MAX_COLS, cdiv=lambda a, b: -(-a // b))
 
 
@@ -87,7 +88,7 @@ def assert_fused(codes: list[str], n: int, v: int, d: int) -> None:
     assert not any(c.startswith("extern_kernels") for c in calls), calls
     numels = allocated_numels(codes, rows=n, hidden=d)
     assert numels, "no allocation found: the wrapper format changed"
-    chunk = dz_chunk_numel(n, v)
+    chunk = dz_chunk_numel(n, v, d)
     larger = [numel for numel in numels if numel > max(n * d, v * d)]
     assert len(larger) <= 1 and all(numel <= chunk for numel in larger), (numels, chunk)
     if chunk < n * v:

@@ -41,8 +41,9 @@ def test_dry_run_writes_the_report(tmp_path, monkeypatch):
     templated = [row for row in rows if row["implementation"].startswith("cce-inductor")
                  and row["mode"] == "loss+grad"]
     assert templated[0]["filter_tiles"][1] > 0  # counted by the (interpreted) templates
-    determinism = stages["determinism"]["deterministic"]
-    assert determinism["owned_backward"] and all(determinism["equal"].values())
+    for mode in ("deterministic", "default"):
+        determinism = stages["determinism"][mode]
+        assert determinism["atomics_free"] and all(determinism["equal"].values()), mode
     report = (out / "report.md").read_text()
     for heading in ("## Time budget", "## GPU tests", "## cce-bench gemma2-2b",
                     "## Deterministic mode", "## Not exercised by a dry run"):

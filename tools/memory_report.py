@@ -6,8 +6,8 @@
 The loss (and loss + gradient) is compiled at a tiny shape with every size dynamic, by
 torch.compile's default backend and by backend="cce", the latter planned for the preset (the cce
 backward's vocabulary chunk count, which a compile at the preset would choose from the size
-hints of N and V: `cce_inductor.lowering.backward.planned_for`). The generated wrappers are then replayed
-at the preset's sizes on the `meta` device (`wrapper_memory`), which lists every buffer the
+hints of N, V and D: `cce_inductor.lowering.backward.planned_for`). The generated wrappers are
+then replayed at the preset's sizes on the `meta` device (`wrapper_memory`), which lists every buffer the
 compiled code would allocate there and the peak, next to the paper's Table 1. On CUDA the
 wrappers are CUDA's own; on a CPU-only machine, the cce graphs are compiled with Inductor's
 Triton backend under Triton's interpreter (`cce_inductor.tools.interpreter`), so they hold
@@ -94,11 +94,11 @@ def _loss(hidden: torch.Tensor, classifier: torch.Tensor, target: torch.Tensor) 
 def code_generation(backend: str, device: torch.device,
                     planned: Optional[Shape] = None) -> Iterator[None]:
     """On a CPU, the cce graphs go through the Triton templates (interpreted), as on a GPU;
-    with `planned`, the cce backward is planned for that shape's N and V."""
+    with `planned`, the cce backward is planned for that shape's N, V and D."""
     from cce_inductor.lowering import backward
 
     with triton_on_cpu(backend == "cce" and device.type == "cpu"), \
-            backward.planned_for(*((planned.n, planned.v) if planned else ())):
+            backward.planned_for(*((planned.n, planned.v, planned.d) if planned else ())):
         yield
 
 

@@ -139,7 +139,7 @@ def ours(shape: Shape, gpu: Gpu, kept: float, recomputed: float) -> Design:
     combine = KernelWork("forward_combine", 1, _cdiv(n, combine_cfg.block_n),
                          gpu.sms * combine_cfg.ctas_per_sm, 0.0, 16 * n * splits)
 
-    chunks = backward.chunk_count(n, v, size, tile.block_v)
+    chunks = backward.chunk_count(n, v, d, size, tile.block_v)
     width = backward.chunk_width(v, chunks, tile.block_v, cdiv=_cdiv)
     needs = {"NEED_DE": True, "NEED_DC": True, "NEED_DBIAS": False}
     dz_meta = {**tile.kwargs(), **dz_cfg.kwargs()}

@@ -48,15 +48,17 @@ class Harness:
     def to_device(self, inputs: Inputs) -> Inputs:
         return to_device(inputs, self.device)
 
-    def default_forward_config(self, dtype: torch.dtype) -> configs.TileConfig:
-        """The forward tile config the lowering picks without max-autotune."""
+    def default_forward_config(self, dtype: torch.dtype) -> configs.ForwardConfig:
+        """The forward config the lowering picks without max-autotune."""
         return forward.FORWARD.configs_for(dtype, configs.arch_of(self.device), False)[0]
 
     def unsplit_rows(self, dtype: torch.dtype) -> int:
-        """The fewest rows whose row blocks alone fill the programs the default forward config
-        aims at, so that it does not split the vocabulary."""
+        """Rows enough that the default forward config does not split the vocabulary: more
+        than half the row blocks its waves of CTA slots hold (forward.vocab_splits)."""
         config = self.default_forward_config(dtype)
-        return config.block_n * config.waves * common.sm_count(self.device)
+        tile = configs.logit_tile(dtype, configs.arch_of(self.device))
+        slots = config.waves * config.ctas_per_sm * common.sm_count(self.device)
+        return (slots // 2 + 1) * tile.block_n
 
 
 def to_device(inputs: Inputs, device: torch.device) -> Inputs:

@@ -28,9 +28,13 @@ def test_max_autotune_benchmarks_every_shipped_config(harness):
         )
     generated_code.assert_fused(codes, n, v, d)
     arch = configs.arch_of(harness.device)
-    for kernel in (forward.FORWARD, backward.BACKWARD):
+    for kernel in (forward.FORWARD, *backward.KERNELS):
         shipped = kernel.configs_for(dtype, arch, all_configs=True)
         assert len(shipped) > 1, kernel.name
+        # Every launch of a kernel offers the same choices; the chunked backward launches its
+        # kernels once per vocabulary chunk, so each of its configs is timed once per launch
+        # (or once in all, when Inductor's autotuning cache serves the later launches).
         benchmarked = timings.get(kernel.template_name, [])
-        assert len(benchmarked) == len(shipped), (kernel.name, benchmarked, len(shipped))
+        assert benchmarked and len(benchmarked) % len(shipped) == 0, (
+            kernel.name, benchmarked, len(shipped))
         assert all(math.isfinite(t) and t > 0 for t in benchmarked), (kernel.name, benchmarked)
