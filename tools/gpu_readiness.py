@@ -297,7 +297,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     shape = PRESETS[args.preset]
     dtypes = [getattr(torch, args.dtype)] if args.dtype else None
     rows = resource_table(shape, all_configs=args.all, dtypes=dtypes)
-    print(f"{args.preset}: {shape.describe()}")
+    rendered = dataclasses.replace(shape, dtype=args.dtype) if args.dtype else shape
+    print(f"{args.preset}: {rendered.describe()}")
     print(format_table(rows))
     return 0 if all(r.fits for r in rows) else 1
 
