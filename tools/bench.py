@@ -4,10 +4,13 @@
     cce-bench --preset gemma2-2b --json out.json --png out.png     # on a GPU
     cce-bench --preset gemma2-2b --memory-report                   # no run: read compiled code
     cce-bench --preset gemma2-2b --work-model --gpu A100           # no run: estimated work
+    cce-bench --interleaved --repetitions 5                        # on a shared, noisy machine
 
 Each implementation runs in its own process (compile caches and memory peaks stay apart) on the
-same inputs, saved once. Per implementation and mode: median time over repetitions after
-warmup, peak memory beyond the inputs (gradients included), and the relative L2 error of the
+same inputs, saved once: one after the other, or with --interleaved all started at once and
+taking turns, a repetition each per round, each one's time also given as its median per-round
+ratio to a reference (on a noisy machine only such ratios mean anything). Per implementation and
+mode: median time over repetitions after warmup, peak memory beyond the inputs (gradients included), and the relative L2 error of the
 loss and of both gradients against a float64 reference computed once. For cce-inductor also the
 fraction of backward filter tiles skipped. The gradients are compared on a sub-block (the
 first ERROR_ROWS rows of grad_input, the first ERROR_CLASSES rows of grad_weight), so that no
@@ -27,6 +30,7 @@ import importlib.util
 import json
 import math
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -237,13 +241,25 @@ def _measure_mode(
         hidden.grad = classifier.grad = None
         return run()
 
+    # In an interleaved run every step waits for this worker's turn (pass_gate is a no-op else).
+    measure.pass_gate(payload)
     start = time.perf_counter()
     fresh_run()
     measure.synchronize(device)
     first_call = time.perf_counter() - start
-    seconds, repetitions = measure.median_seconds(
-        fresh_run, device, payload["warmup"], payload["repetitions"], payload["budget_seconds"]
-    )
+    times = None
+    if payload.get("interleaved"):
+        times = measure.gated_seconds(
+            fresh_run, device, payload["warmup"], payload["repetitions"],
+            lambda: measure.pass_gate(payload),
+        )
+        seconds, repetitions = statistics.median(times), len(times)
+    else:
+        seconds, repetitions = measure.median_seconds(
+            fresh_run, device, payload["warmup"], payload["repetitions"],
+            payload["budget_seconds"],
+        )
+    measure.pass_gate(payload)
     # The old gradients are freed before the measurement, so the peak counts the new ones.
     hidden.grad = classifier.grad = None
     loss, peak = measure.peak_extra_bytes(run, device)
@@ -252,6 +268,8 @@ def _measure_mode(
         "repetitions": repetitions,
         "peak_bytes": peak, "loss": loss.double().item(),
     }
+    if times is not None:
+        result["times_ms"] = [value * 1e3 for value in times]
     if with_grad:
         torch.save(gradient_blocks(hidden.grad, classifier.grad), payload["gradients_path"])
     print(
@@ -306,6 +324,7 @@ def worker(payload: dict[str, Any]) -> dict[str, Any]:
             for mode in payload["modes"]
         ]
     if impl.counts_filter_tiles and "loss+grad" in payload["modes"]:
+        measure.pass_gate(payload)
         modes[payload["modes"].index("loss+grad")]["filter_tiles"] = _filter_tiles(
             impl, inputs, device, payload["interpret_templates"]
         )
@@ -364,6 +383,17 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
         "of the GPU code path at tiny shapes: its timings mean nothing)",
     )
     parser.add_argument(
+        "--interleaved", action="store_true",
+        help="start every implementation's process first, then let them take turns: round r "
+        "runs repetition r of each, one at a time, so that a noisy machine slows all of a "
+        "round alike; reports each one's median per-round time ratio to --ratio-to (no --budget)",
+    )
+    parser.add_argument(
+        "--ratio-to", default="torch.compile", metavar="NAME",
+        help="with --interleaved: the implementation the per-round ratios divide by "
+        "(default torch.compile)",
+    )
+    parser.add_argument(
         "--same-process", action="store_true",
         help="run every implementation in this process (quicker to start; but then compile "
         "caches and allocator state of one implementation may affect the next)",
@@ -382,6 +412,8 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.interpret_templates and args.device != "cpu":
         parser.error("--interpret-templates is for --device cpu (a GPU runs the templates)")
+    if args.interleaved and args.same_process:
+        parser.error("--interleaved takes turns between worker processes; drop --same-process")
     known = {impl.name for impl in IMPLEMENTATIONS}
     for name in args.impl or ():
         if name not in known:
@@ -403,14 +435,17 @@ def _format(value: Optional[float], spec: str) -> str:
 
 def table_rows(results: list[dict[str, Any]]) -> list[list[str]]:
     rows = []
+    ratios = any("round_ratio" in entry for entry in results)
     for entry in results:
         if "error" in entry:
-            rows.append([entry["implementation"], entry.get("mode", ""), entry["error"]] + [""] * 6)
+            blank = [""] * (len(TABLE_HEADERS) - 3 + ratios)
+            rows.append([entry["implementation"], entry.get("mode", ""), entry["error"]] + blank)
             continue
         tiles = entry.get("filter_tiles")
         rows.append([
             entry["implementation"], entry["mode"],
             f"{entry['median_ms']:,.1f} ({entry['repetitions']})",
+            *([_format(entry.get("round_ratio"), ".3f")] if ratios else []),
             measure.megabytes(entry["peak_bytes"]),
             _format(entry["loss_error"], ".1e"),
             _format(entry.get("grad_input_error"), ".1e"),
@@ -425,6 +460,46 @@ TABLE_HEADERS = [
     "implementation", "mode", "median ms (runs)", "peak extra MB", "loss rel err",
     "grad input rel err", "grad weight rel err", "filter tiles skipped", "first call s",
 ]
+
+
+def table_headers(results: list[dict[str, Any]], ratio_to: str) -> list[str]:
+    """TABLE_HEADERS, with the per-round ratio column after the time in an interleaved run."""
+    if not any("round_ratio" in entry for entry in results):
+        return TABLE_HEADERS
+    return TABLE_HEADERS[:3] + [f"x {ratio_to} (median per round)"] + TABLE_HEADERS[3:]
+
+
+def add_round_ratios(results: list[dict[str, Any]], ratio_to: str) -> None:
+    """Per implementation and mode of an interleaved run: the median over rounds of its time
+    divided by `ratio_to`'s time in the same round (the rounds shared the machine's noise)."""
+    reference = {
+        entry["mode"]: entry["times_ms"] for entry in results
+        if entry["implementation"] == ratio_to and "times_ms" in entry
+    }
+    for entry in results:
+        base = reference.get(entry.get("mode"))
+        if base and "times_ms" in entry:
+            entry["round_ratio"] = statistics.median(
+                value / base_value for value, base_value in zip(entry["times_ms"], base)
+            )
+
+
+def _run_interleaved(payloads: list[dict[str, Any]], args: argparse.Namespace,
+                     timeout: float) -> list[dict[str, Any]]:
+    """Every payload's worker started at once; then they take turns, one step each per round
+    (see `_measure_mode`), so no two ever run at the same time. `timeout` bounds the wait for
+    their results after the last round."""
+    workers = [
+        measure.Worker("cce_inductor.tools.bench", dict(payload, interleaved=True), gated=True)
+        for payload in payloads
+    ]
+    # Per mode: the first call, the warmups, the repetitions and the memory run; then the
+    # filter-tile count. Workers that have finished simply end their turns at once.
+    steps = len(args.modes) * (args.warmup + args.repetitions + 2) + 1
+    for _ in range(steps):
+        for worker in workers:
+            worker.step()
+    return [worker.result(timeout) for worker in workers]
 
 
 def write_png(results: list[dict[str, Any]], title: str, path: str) -> Optional[str]:
@@ -499,11 +574,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     ]
     name = args.preset if shape == PRESETS[args.preset] else "custom shape"
     title = f"cce-bench {name}: {shape.describe()} on {device.type}"
-    print(
-        f"{title}; {args.warmup} warmup, {args.repetitions} timed repetitions (fewer once "
-        f"{args.budget:.0f} s went into them)",
-        flush=True,
-    )
+    if args.interleaved:
+        schedule = (f"interleaved: {args.warmup} warmup and {args.repetitions} timed rounds, "
+                    "the implementations taking turns within each")
+    else:
+        schedule = (f"{args.warmup} warmup, {args.repetitions} timed repetitions (fewer once "
+                    f"{args.budget:.0f} s went into them)")
+    print(f"{title}; {schedule}", flush=True)
 
     results: list[dict[str, Any]] = []
     skipped = []
@@ -517,7 +594,6 @@ def main(argv: Optional[list[str]] = None) -> int:
             "warmup": args.warmup, "repetitions": args.repetitions,
             "budget_seconds": args.budget,
             "reference_path": os.path.join(folder, "reference.pt"),
-            "gradients_path": os.path.join(folder, "gradients.pt"),
             "interpret_templates": args.interpret_templates,
         }
         deadline = None if args.time_limit is None else started + args.time_limit
@@ -534,16 +610,29 @@ def main(argv: Optional[list[str]] = None) -> int:
             return 1
         expected = torch.load(common["reference_path"], mmap=True)
         print(f"  reference loss {expected['loss']:.4f}", flush=True)
+        payloads: dict[str, dict[str, Any]] = {}
+        outcomes: dict[str, dict[str, Any]] = {}
         for impl in selected:
             reason = impl.unavailable(device)
             name = display_name(impl, device)
-            if not reason and timeout() < MIN_START_SECONDS:
+            if not reason and not args.interleaved and timeout() < MIN_START_SECONDS:
                 reason = f"not started: the --time-limit of {args.time_limit:.0f} s was spent"
             if reason:
                 skipped.append([name, reason])
                 continue
-            print(f"  {name}", flush=True)
-            outcome = _run(dict(common, implementation=impl.name), args, timeout())
+            payloads[name] = dict(
+                common, implementation=impl.name,
+                gradients_path=os.path.join(folder, f"gradients-{len(payloads)}.pt"),
+            )
+            if not args.interleaved:
+                print(f"  {name}", flush=True)
+                outcomes[name] = _run(payloads[name], args, timeout())
+        if args.interleaved:
+            print(f"  {', '.join(payloads)}: taking turns", flush=True)
+            outcomes = dict(zip(payloads, _run_interleaved(list(payloads.values()), args,
+                                                           timeout())))
+        for name, payload in payloads.items():
+            outcome = outcomes[name]
             if "error" in outcome:
                 results.append({"implementation": name, "error": outcome["error"]})
                 continue
@@ -553,16 +642,19 @@ def main(argv: Optional[list[str]] = None) -> int:
                 entry = dict(entry, implementation=name)
                 entry["loss_error"] = abs(entry["loss"] - expected["loss"]) / abs(expected["loss"])
                 if entry["mode"] == "loss+grad":
-                    gradients = torch.load(common["gradients_path"], mmap=True)
+                    gradients = torch.load(payload["gradients_path"], mmap=True)
                     for key in ("grad_input", "grad_weight"):
                         entry[f"{key}_error"] = relative_error(gradients[key], expected[key])
                 results.append(entry)
     elapsed = time.perf_counter() - started
+    if args.interleaved:
+        add_round_ratios(results, args.ratio_to)
 
     print()
     print(title)
     print(tabulate(
-        table_rows(results), headers=TABLE_HEADERS, tablefmt="github", disable_numparse=True
+        table_rows(results), headers=table_headers(results, args.ratio_to), tablefmt="github",
+        disable_numparse=True,
     ))
     for name, counts in rewrites.items():
         described = ", ".join(f"{key}: {value}" for key, value in sorted(counts.items()))
@@ -577,7 +669,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             json.dump({
                 "preset": args.preset, "shape": dataclasses.asdict(shape), "device": args.device,
                 "torch": torch.__version__, "warmup": args.warmup,
-                "repetitions": args.repetitions, "results": results,
+                "repetitions": args.repetitions, "interleaved": args.interleaved,
+                "results": results,
                 "error_rows": ERROR_ROWS, "error_classes": ERROR_CLASSES,
                 "timing": "CUDA events" if device.type == "cuda" else "wall clock",
                 "interpret_templates": args.interpret_templates, "time_limit": args.time_limit,

@@ -72,6 +72,21 @@ def seconds_of(fn: Callable[[], Any], device: torch.device) -> float:
     return time.perf_counter() - start_time
 
 
+def gated_seconds(
+    fn: Callable[[], Any], device: torch.device, warmup: int, repetitions: int,
+    gate: Callable[[], None],
+) -> list[float]:
+    """`seconds_of` each of `repetitions` runs of `fn()` after `warmup` untimed ones, every run
+    preceded by `gate()` (a worker's turn in an interleaved benchmark, see `Worker.step`)."""
+    times = []
+    for index in range(warmup + repetitions):
+        gate()
+        elapsed = seconds_of(fn, device)
+        if index >= warmup:
+            times.append(elapsed)
+    return times
+
+
 def median_seconds(
     fn: Callable[[], Any], device: torch.device, warmup: int, repetitions: int,
     budget_seconds: float | None = None,
@@ -107,7 +122,8 @@ class Worker:
 
     A process per measurement keeps compile caches, allocator state and memory peaks of one
     run from leaking into the next. A gated worker stops at `pass_gate` (after compiling, say)
-    until `release()`, so several can compile side by side and then be timed one at a time.
+    until `release()`, so several can compile side by side and then be timed one at a time;
+    `step()` runs such a worker from one gate to the next, so several can take turns.
     """
 
     def __init__(self, module: str, payload: dict[str, Any], gated: bool = False) -> None:
@@ -134,6 +150,15 @@ class Worker:
         if self._process.poll() is None:
             self._process.stdin.write("go\n")
             self._process.stdin.flush()
+
+    def step(self) -> None:
+        """Let a worker that stops at a gate again and again run to its next gate (or end):
+        workers stepped in turn never run at the same time."""
+        self.wait_at_gate()
+        if self._process.poll() is None:
+            os.remove(self._gate_path)
+            self.release()
+            self.wait_at_gate()
 
     def result(self, timeout: float | None = None) -> dict[str, Any]:
         """Wait for the worker; its result, or {"error": ...} when it failed."""
