@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from cce_inductor import arguments, dispatch, losses, vocab_parallel
+from cce_inductor import arguments, dispatch, losses, one_pass, vocab_parallel
 from cce_inductor.arguments import FilterEps
 
 if TYPE_CHECKING:
@@ -87,6 +87,9 @@ def linear_cross_entropy(
     arguments.check_target_values(target, vocab, options.ignore_index)
 
     rows = losses.flatten(input, target, weight, options)
+    if dispatch.one_pass_unavailable_reason(rows.input, linear_weight, linear_bias,
+                                            rows.class_weight, options) is None:
+        return one_pass.scalar_loss(rows, linear_weight, linear_bias, options, eps)
     # Eager calls on a GPU run the op through an internal torch.compile (the Triton templates).
     lse, target_logit, logit_sum, _, _ = dispatch.call(
         torch.ops.cce.linear_cross_entropy_fwd, rows.input, linear_weight, linear_bias,

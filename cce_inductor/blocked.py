@@ -1,29 +1,65 @@
 """Blocked eager implementation of the `cce` ops (the CPU path; also correct on any device).
 
-The logits are produced one `[TOKEN_BLOCK, VOCAB_BLOCK]` tile at a time and never all at once,
-so the extra memory is O(N*D + V*D + N) plus one tile: an online log-sum-exp in the forward,
-and in the backward the tile is recomputed, turned into dz, and consumed by two matmuls.
+Rows are processed a chunk at a time, each chunk with the whole vocabulary: one matmul gives the
+chunk's logits `[rows, V]`, which are turned into row statistics and, when gradients are wanted,
+in place into dz, then consumed by the two gradient matmuls. `chunk_rows` sizes a chunk to at
+most max(min(CHUNK_ELEMENTS, (N + V) * D / 3), MIN_CHUNK_ROWS * V) logits (28 MB of fp32 at
+most for V <= 114688), so the extra memory is O(N*D + V*D + N) plus a few chunk-sized
+temporaries, never `[N, V]`.
 
-Matmuls run in the inputs' dtype for bf16 (fast on CPUs with bf16 units; the logits are rounded
-to bf16 exactly as torch's own bf16 `linear` rounds them) and in fp32 otherwise (fp16 matmuls
-are not faster on CPUs). Everything after the matmul (softcap, exp, sums, accumulation across
-tiles) is fp32, or fp64 for fp64 inputs.
+One sweep over the chunks serves all three ops, so the backward recomputes exactly the logits and
+row statistics that the forward computed:
+- `forward`: the row statistics.
+- `backward`: gradients for given gradients of the statistics, recomputing each chunk.
+- `forward_and_backward`: both at once, when the statistics' gradients are known before the
+  forward runs (a loss reduced to a scalar): the logits are computed once, not twice.
+
+The softmax is exp(z - m) / s as torch's softmax computes it (m the row max, s the sum of
+exp(z - m)); exp(z - lse) with the fp32 lse = m + log(s) would be off by up to half an ulp of
+|m| in every p (and dz = p - 1 at a peaked target would no longer be 0 where torch's is). The
+whole-row steps (max, softmax) are single torch kernels over the chunk, the softmax one pass that
+works row by row in cache.
+
+Matmuls run in the inputs' dtype for bf16 (the logits are rounded to bf16 exactly as torch's own
+bf16 `linear` rounds them) and in fp32 otherwise (fp16 matmuls are not faster on CPUs). On a
+CPU with AVX-512 the fp32 logits and grad_input come from oneDNN (see `_linear`), grad_classifier
+from torch's matmul (see `_accumulate`). Everything after the matmul (softcap, exp, sums,
+accumulation across chunks) is fp32, or fp64 for fp64 inputs. The order of every operation is
+fixed: results are deterministic for a given thread count.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from cce_inductor import filter_stats
+from cce_inductor import compat, filter_stats
 
-TOKEN_BLOCK = 1024
-VOCAB_BLOCK = 2048
-# Gradient filtering decides per FILTER_BLOCK columns of a token block: coarse enough that the
-# kept columns are gathered into one matmul, fine enough that peaked rows skip most of them.
+# A chunk holds at most CHUNK_ELEMENTS logits, and at most 1 / GRADIENT_FRACTION of the
+# gradients' (N + V) * D elements (its memory is the one thing the sweep adds to theirs), but
+# never fewer than MIN_CHUNK_ROWS rows (which keeps the grad_classifier matmul, whose inner
+# dimension is the chunk's rows, efficient at large V). 28 MB of fp32 stays below glibc's
+# largest mmap threshold (32 MB), so each chunk reuses the last one's freed heap memory instead
+# of faulting in fresh pages.
+CHUNK_ELEMENTS = 7 << 20
+GRADIENT_FRACTION = 3
+MIN_CHUNK_ROWS = 64
+# Gradient filtering decides per FILTER_BLOCK columns of a chunk: coarse enough that the kept
+# columns are gathered into one matmul, fine enough that peaked rows skip most of them.
 FILTER_BLOCK = 128
+# The gradient products run this many classes at a time when they must be split (see
+# _accumulate); a multiple of FILTER_BLOCK.
+VOCAB_BLOCK = 2048
+
+
+def chunk_rows(n: int, vocab: int, hidden: int) -> int:
+    """Rows per chunk of an [n, hidden] input and a [vocab, hidden] classifier (see
+    CHUNK_ELEMENTS)."""
+    elements = min(CHUNK_ELEMENTS, (n + vocab) * hidden // GRADIENT_FRACTION)
+    return max(MIN_CHUNK_ROWS, elements // max(vocab, 1))
 
 
 def _matmul_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -34,74 +70,123 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _logit_tile(
-    e_blk: Tensor, c_blk: Tensor, b_blk: Optional[Tensor], softcap: Optional[float], acc: torch.dtype
-) -> tuple[Tensor, Optional[Tensor]]:
-    """z = softcap(e_blk @ c_blk.T + b_blk) in the accumulation dtype, and tanh for its derivative."""
-    z = (e_blk @ c_blk.T).to(acc)
-    if b_blk is not None:
-        z += b_blk
-    if softcap is None:
-        return z, None
-    tanh = z.div_(softcap).tanh_()
-    return tanh * softcap, tanh
+def _linear(x: Tensor, w: Tensor) -> Tensor:
+    """x @ w.T, through oneDNN for fp32 CPU tensors where `compat.onednn_linear` serves them."""
+    if x.dtype == torch.float32 and x.device.type == "cpu":
+        out = compat.onednn_linear(x, w)
+        if out is not None:
+            return out
+    return x @ w.T
 
 
-def _target_columns(t_blk: Tensor, v0: int, width: int) -> tuple[Tensor, Tensor]:
-    """For each row: whether its target falls in columns [v0, v0 + width), and its local column."""
-    local = t_blk - v0
-    hit = (local >= 0) & (local < width)
-    return hit, local.clamp(0, width - 1)
+@dataclasses.dataclass
+class _RowGradients:
+    """Gradients of the three row statistics, [N] each (logit_sum's None when not used)."""
+
+    lse: Tensor
+    target_logit: Tensor
+    logit_sum: Optional[Tensor]
+
+
+@dataclasses.dataclass
+class _Problem:
+    """One call's inputs in the dtypes the sweep computes in."""
+
+    input: Tensor
+    classifier: Tensor  # in the matmul dtype
+    bias: Optional[Tensor]  # in the accumulation dtype
+    hit: Tensor  # per row: whether its target is a class in [0, V)
+    col: Tensor  # per row: its target, clamped into [0, V)
+    class_weight: Optional[Tensor]  # in the accumulation dtype
+    softcap: Optional[float]
+    acc: torch.dtype
+    mm: torch.dtype
+
+    @classmethod
+    def of(cls, input, classifier, bias, target, class_weight, softcap) -> "_Problem":
+        acc, mm = _acc_dtype(input.dtype), _matmul_dtype(input.dtype)
+        vocab = classifier.shape[0]
+        return cls(
+            input=input, classifier=classifier.to(mm),
+            bias=bias.to(acc) if bias is not None else None,
+            hit=(target >= 0) & (target < vocab), col=target.clamp(0, vocab - 1),
+            class_weight=class_weight.to(acc) if class_weight is not None else None,
+            softcap=softcap, acc=acc, mm=mm,
+        )
+
+
+@dataclasses.dataclass
+class _Gradients:
+    """The requested gradient accumulators (fp32, or fp64), None for the others.
+
+    Unless `zeroed`, input and classifier start uninitialized: the sweep's first chunk assigns
+    its products instead of adding them (one pass over the [V, D] accumulator less). They are
+    zeroed where some product may be skipped (filtering) or there is no chunk (N = 0)."""
+
+    input: Optional[Tensor]
+    classifier: Optional[Tensor]
+    bias: Optional[Tensor]
+    zeroed: bool
+
+    @classmethod
+    def new(cls, problem: _Problem, input_needs_grad: bool, classifier_needs_grad: bool,
+            bias_needs_grad: bool, filter_eps: Optional[float]) -> "_Gradients":
+        n, d = problem.input.shape
+        v = problem.classifier.shape[0]
+        zeroed = n == 0 or (filter_eps is not None and filter_eps > 0)
+        new = problem.input.new_zeros if zeroed else problem.input.new_empty
+        return cls(
+            input=new((n, d), dtype=problem.acc) if input_needs_grad else None,
+            classifier=new((v, d), dtype=problem.acc) if classifier_needs_grad else None,
+            bias=problem.input.new_zeros((v,), dtype=problem.acc)
+            if bias_needs_grad and problem.bias is not None else None,
+            zeroed=zeroed,
+        )
+
+    def any(self) -> bool:
+        return any(g is not None for g in (self.input, self.classifier, self.bias))
+
+    def results(self, input: Tensor, classifier: Tensor, bias: Optional[Tensor]):
+        """In the inputs' dtypes; shape [0] for a gradient nobody asked for."""
+        def result(grad: Optional[Tensor], like: Tensor) -> Tensor:
+            return grad.to(like.dtype) if grad is not None else like.new_zeros((0,))
+
+        return (
+            result(self.input, input), result(self.classifier, classifier),
+            result(self.bias, bias if bias is not None else classifier),
+        )
+
+
+@dataclasses.dataclass
+class _Statistics:
+    lse: Tensor
+    target_logit: Tensor
+    logit_sum: Tensor  # shape [0] unless asked for
+
+    def results(self) -> tuple[Tensor, Tensor, Tensor]:
+        return self.lse, self.target_logit, self.logit_sum
 
 
 def forward(
     input: Tensor,
-    weight: Tensor,
+    classifier: Tensor,
     bias: Optional[Tensor],
     target: Tensor,
     class_weight: Optional[Tensor],
     softcap: Optional[float],
     with_logit_sum: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    n, v = input.shape[0], weight.shape[0]
-    acc = _acc_dtype(input.dtype)
-    mm = _matmul_dtype(input.dtype)
-    lse = input.new_empty((n,), dtype=acc)
-    target_logit = input.new_zeros((n,), dtype=acc)
-    logit_sum = input.new_zeros((n,) if with_logit_sum else (0,), dtype=acc)
-    bias_acc = bias.to(acc) if bias is not None else None
-    class_weight_acc = class_weight.to(acc) if class_weight is not None else None
-
-    for n0 in range(0, n, TOKEN_BLOCK):
-        n1 = min(n0 + TOKEN_BLOCK, n)
-        e_blk = input[n0:n1].to(mm)
-        t_blk = target[n0:n1]
-        row_max = input.new_full((n1 - n0,), float("-inf"), dtype=acc)
-        row_sumexp = input.new_zeros((n1 - n0,), dtype=acc)
-        for v0 in range(0, v, VOCAB_BLOCK):
-            v1 = min(v0 + VOCAB_BLOCK, v)
-            z, _ = _logit_tile(
-                e_blk, weight[v0:v1].to(mm), bias_acc[v0:v1] if bias_acc is not None else None,
-                softcap, acc,
-            )
-            hit, col = _target_columns(t_blk, v0, v1 - v0)
-            target_logit[n0:n1] += torch.where(hit, z.gather(1, col[:, None])[:, 0], 0.0)
-            if with_logit_sum:
-                logit_sum[n0:n1] += (
-                    z @ class_weight_acc[v0:v1] if class_weight_acc is not None else z.sum(1)
-                )
-            # Online log-sum-exp: rescale the running sum to the new running max.
-            new_max = torch.maximum(row_max, z.amax(1))
-            row_sumexp.mul_(torch.exp(row_max - new_max))
-            row_sumexp += z.sub_(new_max[:, None]).exp_().sum(1)
-            row_max = new_max
-        lse[n0:n1] = row_max + row_sumexp.log()
-    return lse, target_logit, logit_sum
+    """(lse, target_logit, logit_sum) per row (see cce_inductor.ops)."""
+    problem = _Problem.of(input, classifier, bias, target, class_weight, softcap)
+    stats = _new_statistics(problem, with_logit_sum)
+    with torch.no_grad():
+        _sweep(problem, stats, None, None, None, None)
+    return stats.results()
 
 
 def backward(
     input: Tensor,
-    weight: Tensor,
+    classifier: Tensor,
     bias: Optional[Tensor],
     target: Tensor,
     class_weight: Optional[Tensor],
@@ -112,127 +197,338 @@ def backward(
     softcap: Optional[float],
     filter_eps: Optional[float],
     input_needs_grad: bool,
-    weight_needs_grad: bool,
+    classifier_needs_grad: bool,
     bias_needs_grad: bool,
     filter_classifier: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    n, d = input.shape
-    v = weight.shape[0]
-    acc = _acc_dtype(input.dtype)
-    mm = _matmul_dtype(input.dtype)
-    bias_needs_grad = bias_needs_grad and bias is not None
-    bias_acc = bias.to(acc) if bias is not None else None
-    class_weight_acc = class_weight.to(acc) if class_weight is not None else None
-    # The smoothing term grad_logit_sum * class_weight is dense: no tile of dz is negligible.
-    filtering = filter_eps is not None and filter_eps > 0 and grad_logit_sum is None
-    # Without filter_classifier the classifier's gradients sum every tile: filtering then only
-    # narrows the dE product.
-    classifier_sums_all = not filter_classifier and (weight_needs_grad or bias_needs_grad)
+    """(grad_input, grad_classifier, grad_bias) for the given gradients of the statistics;
+    with filter_classifier=False filtering narrows grad_input's product only.
 
-    grad_input = input.new_zeros((n, d) if input_needs_grad else (0,), dtype=acc)
-    grad_weight = weight.new_zeros((v, d) if weight_needs_grad else (0,), dtype=acc)
-    grad_bias = weight.new_zeros((v,) if bias_needs_grad else (0,), dtype=acc)
-    if input_needs_grad or weight_needs_grad or bias_needs_grad:
-        for n0 in range(0, n, TOKEN_BLOCK):
-            n1 = min(n0 + TOKEN_BLOCK, n)
-            e_blk = input[n0:n1].to(mm)
-            t_blk = target[n0:n1]
-            for v0 in range(0, v, VOCAB_BLOCK):
-                v1 = min(v0 + VOCAB_BLOCK, v)
-                c_blk = weight[v0:v1].to(mm)
-                z, tanh = _logit_tile(
-                    e_blk, c_blk, bias_acc[v0:v1] if bias_acc is not None else None, softcap, acc
-                )
-                # dz starts as the softmax p = exp(z - lse), computed in place.
-                dz = z.sub_(lse[n0:n1, None]).exp_()
-                hit, col = _target_columns(t_blk, v0, v1 - v0)
-                keep = _kept_columns(dz, hit, col, filter_eps) if filtering else None
-                if keep is not None and keep.numel() == 0 and not classifier_sums_all:
-                    continue
-                dz.mul_(grad_lse[n0:n1, None])
-                rows = hit.nonzero()[:, 0]
-                dz[rows, col[rows]] += grad_target_logit[n0:n1][rows]
-                if grad_logit_sum is not None:
-                    w = class_weight_acc[v0:v1] if class_weight_acc is not None else 1.0
-                    dz += grad_logit_sum[n0:n1, None] * w
-                if tanh is not None:
-                    dz.mul_(1.0 - tanh * tanh)
-                cols = None
-                if keep is not None and classifier_sums_all:
-                    _accumulate(dz, e_blk, c_blk, n0, n1, v0, v1, None, mm, None,
-                                grad_weight if weight_needs_grad else None,
-                                grad_bias if bias_needs_grad else None)
-                    if input_needs_grad and keep.numel():
-                        _add_product(grad_input[n0:n1], dz[:, keep].to(mm), c_blk[keep])
-                    continue
-                if keep is not None:
-                    dz, c_blk, cols = dz[:, keep], c_blk[keep], keep + v0
-                _accumulate(
-                    dz, e_blk, c_blk, n0, n1, v0, v1, cols, mm,
-                    grad_input if input_needs_grad else None,
-                    grad_weight if weight_needs_grad else None,
-                    grad_bias if bias_needs_grad else None,
-                )
-    return (
-        grad_input.to(input.dtype),
-        grad_weight.to(weight.dtype),
-        grad_bias.to(bias.dtype if bias is not None else weight.dtype),
+    p is exp(z - lse) with the given lse, computed as softmax(z) * exp(own lse - given lse):
+    exactly the forward's softmax where the given lse is the one this sweep recomputes (the
+    forward's own, not a global one from cce_inductor.vocab_parallel)."""
+    problem = _Problem.of(input, classifier, bias, target, class_weight, softcap)
+    grads = _Gradients.new(problem, input_needs_grad, classifier_needs_grad, bias_needs_grad,
+                           filter_eps)
+    if grads.any():
+        row_grads = _RowGradients(grad_lse, grad_target_logit, grad_logit_sum)
+        with torch.no_grad():
+            _sweep(problem, _new_statistics(problem, grad_logit_sum is not None), row_grads,
+                   lse, grads, filter_eps, filter_classifier)
+    return grads.results(input, classifier, bias)
+
+
+def forward_and_backward(
+    input: Tensor,
+    classifier: Tensor,
+    bias: Optional[Tensor],
+    target: Tensor,
+    class_weight: Optional[Tensor],
+    grad_lse: Tensor,
+    grad_target_logit: Tensor,
+    grad_logit_sum: Optional[Tensor],
+    softcap: Optional[float],
+    filter_eps: Optional[float],
+    input_needs_grad: bool,
+    classifier_needs_grad: bool,
+    bias_needs_grad: bool,
+    filter_classifier: bool = True,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """`forward`'s statistics and `backward`'s gradients in one sweep (logit_sum is computed
+    when grad_logit_sum is given)."""
+    problem = _Problem.of(input, classifier, bias, target, class_weight, softcap)
+    stats = _new_statistics(problem, grad_logit_sum is not None)
+    grads = _Gradients.new(problem, input_needs_grad, classifier_needs_grad, bias_needs_grad,
+                           filter_eps)
+    row_grads = _RowGradients(grad_lse, grad_target_logit, grad_logit_sum)
+    with torch.no_grad():
+        _sweep(problem, stats, row_grads if grads.any() else None, None, grads, filter_eps,
+               filter_classifier)
+    return (*stats.results(), *grads.results(input, classifier, bias))
+
+
+def _new_statistics(problem: _Problem, with_logit_sum: bool) -> _Statistics:
+    n = problem.input.shape[0]
+    new = problem.input.new_zeros
+    return _Statistics(
+        lse=new((n,), dtype=problem.acc), target_logit=new((n,), dtype=problem.acc),
+        logit_sum=new((n,) if with_logit_sum else (0,), dtype=problem.acc),
     )
 
 
-def _kept_columns(p: Tensor, hit: Tensor, col: Tensor, filter_eps: float) -> Optional[Tensor]:
-    """Columns of the tile in FILTER_BLOCK-wide blocks that must be computed; None for all.
+def _sweep(
+    problem: _Problem,
+    stats: _Statistics,
+    row_grads: Optional[_RowGradients],
+    given_lse: Optional[Tensor],
+    grads: Optional[_Gradients],
+    filter_eps: Optional[float],
+    filter_classifier: bool = True,
+) -> None:
+    """Fill `stats`, and with `row_grads` add the chunks' dz products to `grads` (with
+    filtering, grad_input's only over the needed blocks, and the classifier's too where
+    filter_classifier)."""
+    n = problem.input.shape[0]
+    vocab = problem.classifier.shape[0]
+    rows = chunk_rows(n, vocab, problem.input.shape[1])
+    # The smoothing term grad_logit_sum * class_weight is dense: no block of dz is negligible.
+    filtering = (
+        row_grads is not None and filter_eps is not None and filter_eps > 0
+        and row_grads.logit_sum is None
+    )
+    for n0 in range(0, n, rows):
+        _chunk(problem, n0, min(n0 + rows, n), stats, row_grads, given_lse, grads,
+               filter_eps if filtering else None, filter_classifier)
+
+
+def _chunk(
+    problem: _Problem,
+    n0: int,
+    n1: int,
+    stats: _Statistics,
+    row_grads: Optional[_RowGradients],
+    given_lse: Optional[Tensor],
+    grads: Optional[_Gradients],
+    filter_eps: Optional[float],
+    filter_classifier: bool,
+) -> None:
+    """Rows [n0, n1) of the sweep. A function of its own so that the chunk's logits are freed
+    before the next chunk's are allocated."""
+    e = problem.input[n0:n1].to(problem.mm)
+    z = _linear(e, problem.classifier).to(problem.acc)
+    hit, col = problem.hit[n0:n1], problem.col[n0:n1]
+    derivative = _chunk_statistics(problem, z, slice(n0, n1), hit, col, stats,
+                                   row_grads is not None)
+    if row_grads is None:
+        return
+    p = z  # softmax(z), in place
+    if given_lse is not None:
+        # exp(z - given lse) = p * exp(own lse - given lse): unchanged where the lse is own.
+        shift = stats.lse[n0:n1] - given_lse[n0:n1]
+        if bool(shift.any()):
+            p.mul_(torch.exp(shift)[:, None])
+    needed = _needed_blocks(p, hit, col, filter_eps) if filter_eps is not None else None
+    dz, aside = _dz(problem, p, slice(n0, n1), hit, col, row_grads, derivative)
+    _accumulate(problem, dz, e, n0, n1, needed, filter_classifier, grads, aside)
+
+
+def _chunk_statistics(
+    problem: _Problem,
+    z: Tensor,
+    rows: slice,
+    hit: Tensor,
+    col: Tensor,
+    stats: _Statistics,
+    want_derivative: bool,
+) -> Optional[Tensor]:
+    """Finish the chunk's logits z [rows, V] (bias, softcap) and write their row statistics;
+    z becomes softmax(z) in place. Returns the softcap derivative when asked for."""
+    if problem.bias is not None:
+        z += problem.bias
+    derivative = None
+    if problem.softcap is not None:
+        tanh = z.div_(problem.softcap).tanh_()
+        if want_derivative:
+            derivative = 1.0 - tanh * tanh
+        z.mul_(problem.softcap)
+    stats.target_logit[rows] = torch.where(hit, z.gather(1, col[:, None])[:, 0], 0.0)
+    if stats.logit_sum.numel():
+        stats.logit_sum[rows] = (
+            z @ problem.class_weight if problem.class_weight is not None else z.sum(1)
+        )
+    row_max = z.amax(1)
+    # In place: the kernel reads each row whole before writing it. p = exp(z - m) / s.
+    torch.softmax(z, 1, out=z)
+    # The largest p is exp(0) / s, at the max: lse = m + log(s) = m - log(max p).
+    stats.lse[rows] = row_max - z.amax(1).log()
+    return derivative
+
+
+@dataclasses.dataclass
+class _TargetTerms:
+    """The one-hot part of a chunk's dz kept out of its products (see `_dz`): chunk row rows[k]
+    adds values[k] at class cols[k]."""
+
+    rows: Tensor
+    cols: Tensor
+    values: Tensor
+
+
+def _dz(
+    problem: _Problem,
+    p: Tensor,
+    rows: slice,
+    hit: Tensor,
+    col: Tensor,
+    row_grads: _RowGradients,
+    derivative: Optional[Tensor],
+) -> tuple[Tensor, _TargetTerms]:
+    """dz = (grad_lse * p + grad_target_logit * onehot(target) + grad_logit_sum * class_weight)
+    * softcap'(z), in place of the softmax p.
+
+    The one-hot term goes into dz only on rows whose target holds most of the mass (p >= 1/2),
+    where it cancels the target's p; elsewhere it is returned aside and added after the
+    products. Without it the products' running sums stay small, which keeps their rounding
+    error below torch's for the long sums over V of grad_input (oneDNN sums in plain order)."""
+    grad_lse = row_grads.lse[rows]
+    hit_rows = hit.nonzero()[:, 0]
+    cols = col[hit_rows]
+    peaked = p[hit_rows, cols] >= 0.5
+    dz = p.mul_(grad_lse[:, None])
+    if row_grads.logit_sum is not None:
+        grad_logit_sum = row_grads.logit_sum[rows]
+        if problem.class_weight is not None:
+            dz.addr_(grad_logit_sum, problem.class_weight)
+        else:
+            dz += grad_logit_sum[:, None]
+    values = row_grads.target_logit[rows][hit_rows]
+    if derivative is not None:
+        dz.mul_(derivative)
+        values = values * derivative[hit_rows, cols]
+    dz[hit_rows[peaked], cols[peaked]] += values[peaked]
+    flat = ~peaked
+    return dz, _TargetTerms(hit_rows[flat], cols[flat], values[flat])
+
+
+def _needed_blocks(
+    p: Tensor, hit: Tensor, col: Tensor, filter_eps: float
+) -> Optional[Tensor]:
+    """Which FILTER_BLOCK-wide column blocks of the chunk need their dz computed (a bool per
+    block), or None for all.
 
     A block is skipped when every softmax value in it is below filter_eps and no row's target
     lies in it: its dz entries are then all below working precision.
     """
     width = p.shape[1]
     nblocks = -(-width // FILTER_BLOCK)
-    padded = torch.nn.functional.pad(p, (0, nblocks * FILTER_BLOCK - width))
-    needed = padded.view(p.shape[0], nblocks, FILTER_BLOCK).amax(dim=(0, 2)) >= filter_eps
+    full = width // FILTER_BLOCK * FILTER_BLOCK
+    block_max = p.new_empty((nblocks,))
+    if full:
+        block_max[:full // FILTER_BLOCK] = (
+            p[:, :full].reshape(p.shape[0], -1, FILTER_BLOCK).amax(dim=(0, 2))
+        )
+    if full < width:
+        block_max[-1] = p[:, full:].amax()
+    needed = block_max >= filter_eps
     needed[col[hit] // FILTER_BLOCK] = True
     filter_stats.record(skipped=int(nblocks - needed.sum()), total=nblocks)
-    if bool(needed.all()):
+    return None if bool(needed.all()) else needed
+
+
+def _block_classes(needed: Tensor, v0: int, v1: int) -> Optional[slice | Tensor]:
+    """The classes of [v0, v1) whose dz counts: a slice when all do, the kept ones' indices,
+    or None when none does (v0 is a multiple of FILTER_BLOCK)."""
+    blocks = needed[v0 // FILTER_BLOCK:-(-v1 // FILTER_BLOCK)]
+    if bool(blocks.all()):
+        return slice(v0, v1)
+    if not bool(blocks.any()):
         return None
-    blocks = needed.nonzero()[:, 0]
-    offsets = torch.arange(FILTER_BLOCK, device=p.device)
-    columns = (blocks[:, None] * FILTER_BLOCK + offsets).flatten()
-    return columns[columns < width]
+    first = blocks.nonzero()[:, 0] * FILTER_BLOCK + v0
+    columns = (first[:, None] + torch.arange(FILTER_BLOCK, device=needed.device)).flatten()
+    return columns[columns < v1]
 
 
 def _accumulate(
-    dz: Tensor,
-    e_blk: Tensor,
-    c_blk: Tensor,
-    n0: int,
-    n1: int,
-    v0: int,
-    v1: int,
-    cols: Optional[Tensor],
-    mm: torch.dtype,
-    grad_input: Optional[Tensor],
-    grad_weight: Optional[Tensor],
-    grad_bias: Optional[Tensor],
+    problem: _Problem, dz: Tensor, e: Tensor, n0: int, n1: int, needed: Optional[Tensor],
+    filter_classifier: bool, grads: _Gradients, aside: _TargetTerms,
 ) -> None:
-    """Add one tile's dz to the three gradients; cols, when given, are the kept vocab rows."""
-    dz_mm = dz.to(mm)
+    """Add one chunk's dz [rows, V] products, and the target terms kept aside, to the
+    gradients. With filtering (`needed` given) grad_input's products run over the needed blocks
+    only (`_accumulate_kept`), and so do the classifier's and the bias's where
+    filter_classifier; the others run over every class (`_accumulate_all`)."""
+    want_input = grads.input is not None
+    want_classifier = grads.classifier is not None or grads.bias is not None
+    classifier_filtered = needed is not None and filter_classifier
+    if needed is not None and (want_input or classifier_filtered and want_classifier):
+        _accumulate_kept(problem, dz, e, n0, n1, needed, grads, want_input,
+                         classifier_filtered and want_classifier)
+    if needed is None and want_input or not classifier_filtered and want_classifier:
+        _accumulate_all(problem, dz, e, n0, n1, grads, needed is None and want_input,
+                        not classifier_filtered and want_classifier)
+    if aside.rows.numel():
+        values = aside.values[:, None]
+        if grads.input is not None:
+            _add_rows(grads.input, aside.rows + n0, values * problem.classifier[aside.cols])
+        if grads.classifier is not None:
+            _add_rows(grads.classifier, aside.cols, values * e[aside.rows])
+        if grads.bias is not None:
+            _add_rows(grads.bias, aside.cols, aside.values)
+
+
+def _accumulate_all(
+    problem: _Problem, dz: Tensor, e: Tensor, n0: int, n1: int, grads: _Gradients,
+    with_input: bool, with_classifier: bool,
+) -> None:
+    """`_accumulate`'s products over every class: grad_input's (with_input), the classifier's
+    and the bias's (with_classifier).
+
+    grad_input is one product over all V classes, through oneDNN where `_linear` serves (the
+    target terms aside make its rounding error smaller than torch's). grad_classifier is added
+    in place (beta = 1) by torch's matmul, which reads dz transposed without a copy, in blocks of
+    VOCAB_BLOCK classes when the product needs a cast (a 16-bit one cannot accumulate in fp32),
+    so that its temporary stays block-sized."""
+    dz_mm = dz.to(problem.mm)
+    if with_input:
+        grads.input[n0:n1] = _linear(dz_mm, problem.classifier.T)
+    if with_classifier and grads.bias is not None:
+        grads.bias += dz.sum(0)
+    if with_classifier and grads.classifier is not None:
+        vocab = dz.shape[1]
+        width = vocab if problem.mm == problem.acc else VOCAB_BLOCK
+        for v0 in range(0, vocab, width):
+            _add_product(grads.classifier[v0:v0 + width], dz_mm[:, v0:v0 + width].T, e,
+                         assign=n0 == 0 and not grads.zeroed)
+
+
+def _accumulate_kept(
+    problem: _Problem, dz: Tensor, e: Tensor, n0: int, n1: int, needed: Tensor,
+    grads: _Gradients, with_input: bool, with_classifier: bool,
+) -> None:
+    """`_accumulate`'s products over the kept classes only, VOCAB_BLOCK classes at a time (the
+    gathered columns and their products stay block-sized): grad_input's (with_input), the
+    classifier's and the bias's (with_classifier). grad_input sums the blocks' partial
+    products in fp32."""
+    vocab = dz.shape[1]
+    bias = grads.bias if with_classifier else None
+    classifier = grads.classifier if with_classifier else None
+    grad_input = None
+    for v0 in range(0, vocab, VOCAB_BLOCK):
+        classes = _block_classes(needed, v0, min(v0 + VOCAB_BLOCK, vocab))
+        if classes is None:
+            continue
+        dz_block = dz[:, classes]
+        if bias is not None:
+            _add_rows(bias, classes, dz_block.sum(0))
+        dz_mm = dz_block.to(problem.mm)
+        if with_input:
+            product = _linear(dz_mm, problem.classifier[classes].T).to(problem.acc)
+            grad_input = product if grad_input is None else grad_input.add_(product)
+        if classifier is not None:
+            _add_rows(classifier, classes, dz_mm.T @ e)
     if grad_input is not None:
-        _add_product(grad_input[n0:n1], dz_mm, c_blk)
-    if grad_weight is not None:
-        if cols is None:
-            _add_product(grad_weight[v0:v1], dz_mm.T, e_blk)
-        else:
-            grad_weight.index_add_(0, cols, (dz_mm.T @ e_blk).to(grad_weight.dtype))
-    if grad_bias is not None:
-        if cols is None:
-            grad_bias[v0:v1] += dz.sum(0)
-        else:
-            grad_bias.index_add_(0, cols, dz.sum(0))
+        grads.input[n0:n1] = grad_input
 
 
-def _add_product(out: Tensor, a: Tensor, b: Tensor) -> None:
-    """out += a @ b, in place (no temporary) when the matmul already runs in out's dtype."""
+def _add_rows(out: Tensor, rows: slice | Tensor, values: Tensor) -> None:
+    """out[rows] += values, for a slice or an index tensor of rows (repeats add up, in order).
+
+    index_put_ rather than index_add_: on CPU, index_add_ into a tall tensor takes time in
+    proportion to the tensor, not to the rows added (about 0.2 s into 32768 x 256)."""
+    if isinstance(rows, slice):
+        out[rows] += values
+    else:
+        out.index_put_((rows,), values.to(out.dtype), accumulate=True)
+
+
+def _add_product(out: Tensor, a: Tensor, b: Tensor, assign: bool) -> None:
+    """out += a @ b (out = a @ b when assign), in place (no temporary) when the matmul already
+    runs in out's dtype."""
     if a.dtype == out.dtype:
-        out.addmm_(a, b)
+        if assign:
+            torch.mm(a, b, out=out)
+        else:
+            out.addmm_(a, b)
+    elif assign:
+        out.copy_(a @ b)
     else:
         out += a @ b

@@ -15,18 +15,24 @@ fullgraph=True running out of recompiles is an error, so no compiled function sh
 many variants. The row dimension (`ops.ROW_ARGUMENTS`) is marked dynamic: a new N does not
 recompile (N = 1 is specialized, as Dynamo always does), while V and D stay static for the
 kernels' sake.
+
+Where the templates do not serve (a plain CPU), `one_pass_unavailable_reason` decides whether a
+loss may compute its gradients in its forward (`cce_inductor.one_pass`) instead of running the
+forward op now and the backward op later.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import types
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
 
 from cce_inductor import compat, filter_stats, ops
+from cce_inductor.arguments import LossOptions
 from cce_inductor.lowering import common
 
 
@@ -51,6 +57,51 @@ def routes_to_templates(input: Tensor) -> bool:
     if compat.is_traced(input) or compat.functorch_transforms_active():
         return False
     return common.template_unavailable_reason(input.device, input.dtype) is None
+
+
+# The LossOptions fields whose every value the one pass computes exactly. Any other option (a new
+# output, say) that is not at its default sends the loss to the forward and backward ops, until
+# the one pass learns it.
+ONE_PASS_OPTIONS = frozenset({
+    "reduction", "ignore_index", "label_smoothing", "softcap", "filter_eps", "filter_grads",
+    "return_lse",
+})
+
+
+def one_pass_unavailable_reason(
+    input: Tensor, classifier: Tensor, bias: Optional[Tensor], class_weight: Optional[Tensor],
+    options: LossOptions,
+) -> Optional[str]:
+    """Why the loss must not compute its gradients in its forward (`cce_inductor.one_pass`), or
+    None when it may.
+
+    That is valid only while the loss's upstream gradient is a scalar: the loss is reduced
+    ('mean' or 'sum') and no lse is returned, so every row's gradient weight is known in the
+    forward and the backward only scales the gradients. It must also pay: some gradient is
+    wanted (not under no_grad, not every input frozen). Class weights must not require grad
+    (the backward op refuses that gradient with a clear error), no torch.func transform may be
+    active (the one pass is an autograd.Function without a vmap rule), and the blocked
+    implementation must be the one serving (the Triton templates have no one-pass kernel)."""
+    defaults = LossOptions()
+    for field in dataclasses.fields(options):
+        if field.name not in ONE_PASS_OPTIONS and (
+                getattr(options, field.name) != getattr(defaults, field.name)):
+            return f"option {field.name}={getattr(options, field.name)!r}"
+    if options.reduction == "none":
+        return "reduction='none' (an upstream gradient per row)"
+    if options.return_lse:
+        return "return_lse (the lse's upstream gradient is per row)"
+    if not torch.is_grad_enabled():
+        return "gradients are disabled"
+    if not any(t is not None and t.requires_grad for t in (input, classifier, bias)):
+        return "no input requires grad"
+    if class_weight is not None and class_weight.requires_grad:
+        return "class weights require grad"
+    if compat.functorch_transforms_active():
+        return "a torch.func transform is active"
+    if common.template_unavailable_reason(input.device, input.dtype) is None:
+        return "the Triton templates serve this device and dtype"
+    return None
 
 
 def _signature(args: tuple, tensors: list[int], rows: tuple[int, ...]) -> tuple:

@@ -1,8 +1,12 @@
 """Counting the gradient tiles that filtering skips (a debugging and benchmarking aid).
 
     with cce_inductor.filter_stats.collect() as stats:
+        loss = cce_inductor.linear_cross_entropy(...)
         loss.backward()
     print(stats.skipped, stats.total, stats.fraction)
+
+Filtering happens where dz is formed: in the backward, or in the forward of a scalar loss whose
+gradients the CPU path computes in one pass with the loss (see cce_inductor.one_pass).
 
 Implementations report through `record`; outside `collect()` it costs one attribute lookup.
 skipped: tiles whose softmax the filter found negligible (their gradient products are skipped,
@@ -51,7 +55,7 @@ def record(skipped: int, total: int, early: int = 0) -> None:
 
 @contextlib.contextmanager
 def collect() -> Iterator[FilterStats]:
-    """Collect filter statistics of every backward run inside the block."""
+    """Collect filter statistics of every gradient computation run inside the block."""
     global _active
     previous, _active = _active, FilterStats()
     try:

@@ -94,3 +94,34 @@ def reduce_loss(
     else:
         loss = loss.sum() / denominator
     return (loss, lse.reshape(leading)) if options.return_lse else loss
+
+
+def loss_gradients(
+    target: Tensor,
+    class_weight: Optional[Tensor],
+    ignore_index: int,
+    label_smoothing: float,
+    vocab: int,
+    reduction: str,
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The gradients of a 'sum' or 'mean' loss with respect to the row statistics (lse,
+    target_logit, logit_sum), [N] each, as autograd finds them through `row_losses` and
+    `reduce_loss`.
+
+    The loss is linear in the statistics with no constant term, so its gradient with respect to
+    one statistic is `row_losses` of that statistic set to the reduction's gradient (1, or
+    1 / denominator for 'mean') and the others to 0: the products autograd forms, so ignored
+    rows get 0 even when every row is ignored, and a 'mean' whose class weights sum to 0 over
+    the valid rows gets autograd's (and F.cross_entropy's) nan.
+    """
+    zero = torch.zeros(target.shape, dtype=dtype, device=target.device)
+    options = (target, class_weight, ignore_index, label_smoothing, vocab)
+    scale = torch.ones_like(zero)
+    if reduction == "mean":
+        scale = scale / row_losses(zero, zero, zero, *options)[1]
+    lse, target_logit, logit_sum = (
+        row_losses(*unit, *options)[0]
+        for unit in ((scale, zero, zero), (zero, scale, zero), (zero, zero, scale))
+    )
+    return lse, target_logit, logit_sum

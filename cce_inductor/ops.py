@@ -31,6 +31,14 @@ and grad_bias then sum every tile). With dz[i, j] = grad_lse[i] * p[i, j] + grad
 + grad_logit_sum[i] * class_weight[j], times the softcap derivative:
     grad_input = dz @ classifier,  grad_classifier = dz.T @ input,  grad_bias = dz.sum(0).
 
+`cce::linear_cross_entropy_fwd_bwd(input, classifier, bias, target, class_weight, grad_lse,
+grad_target_logit, grad_logit_sum, ...)` is both in one pass over the logits, for gradients of
+the statistics known before the forward runs (a loss reduced to a scalar: `cce_inductor.dispatch`
+decides when that holds). It returns fwd's first three statistics and bwd's three gradients and
+has no autograd of its own (`cce_inductor.one_pass` hands the gradients to autograd). Only the
+blocked CPU implementation has it: the Triton lowering does not take it, so it is never chosen
+where the templates serve.
+
 `cce::record_filter_stats` hands the compiled backward's kept-tile map to
 `cce_inductor.filter_stats` (see there).
 """
@@ -139,25 +147,19 @@ linear_cross_entropy_bwd = torch.library.custom_op(
     "cce::linear_cross_entropy_bwd", mutates_args=())(_backward_op)
 
 
-@linear_cross_entropy_fwd.register_fake
-def _(input, classifier, bias, target, class_weight, softcap, with_logit_sum, filter_eps,
-      filter_classifier=True):
+def _fake_row_statistics(input: Tensor, with_logit_sum: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(lse, target_logit, logit_sum) as the ops return them."""
     n = input.shape[0]
     dtype = stats_dtype(input.dtype)
-    lse = input.new_empty((n,), dtype=dtype)
-    target_logit = input.new_empty((n,), dtype=dtype)
-    logit_sum = input.new_empty((n,) if with_logit_sum else (0,), dtype=dtype)
-    tile_max = input.new_empty(
-        tile_max_shape(n, classifier.shape[0], filter_eps, with_logit_sum), dtype=dtype
-    )
-    return lse, target_logit, logit_sum, tile_max, input.new_empty((n, 2), dtype=dtype)
+    return (input.new_empty((n,), dtype=dtype), input.new_empty((n,), dtype=dtype),
+            input.new_empty((n,) if with_logit_sum else (0,), dtype=dtype))
 
 
-@linear_cross_entropy_bwd.register_fake
-def _(input, classifier, bias, target, class_weight, lse, grad_lse, grad_target_logit,
-      grad_logit_sum, softcap, filter_eps, input_needs_grad, classifier_needs_grad,
-      bias_needs_grad, tile_max=None, lse_parts=None, filter_classifier=True):
-    """[0] for a gradient nobody asked for."""
+def _fake_gradients(input: Tensor, classifier: Tensor, bias: Optional[Tensor],
+                    input_needs_grad: bool, classifier_needs_grad: bool,
+                    bias_needs_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_input, grad_classifier, grad_bias) as the ops return them: [0] for a gradient
+    nobody asked for."""
     bias_dtype = bias.dtype if bias is not None else classifier.dtype
     return (
         input.new_empty(tuple(input.shape) if input_needs_grad else (0,)),
@@ -165,6 +167,61 @@ def _(input, classifier, bias, target, class_weight, lse, grad_lse, grad_target_
         input.new_empty(tuple(bias.shape) if bias is not None and bias_needs_grad else (0,),
                         dtype=bias_dtype),
     )
+
+
+@linear_cross_entropy_fwd.register_fake
+def _(input, classifier, bias, target, class_weight, softcap, with_logit_sum, filter_eps,
+      filter_classifier=True):
+    n = input.shape[0]
+    dtype = stats_dtype(input.dtype)
+    tile_max = input.new_empty(
+        tile_max_shape(n, classifier.shape[0], filter_eps, with_logit_sum), dtype=dtype
+    )
+    return (*_fake_row_statistics(input, with_logit_sum), tile_max,
+            input.new_empty((n, 2), dtype=dtype))
+
+
+@linear_cross_entropy_bwd.register_fake
+def _(input, classifier, bias, target, class_weight, lse, grad_lse, grad_target_logit,
+      grad_logit_sum, softcap, filter_eps, input_needs_grad, classifier_needs_grad,
+      bias_needs_grad, tile_max=None, lse_parts=None, filter_classifier=True):
+    return _fake_gradients(input, classifier, bias, input_needs_grad, classifier_needs_grad,
+                           bias_needs_grad)
+
+
+@torch.library.custom_op("cce::linear_cross_entropy_fwd_bwd", mutates_args=())
+def linear_cross_entropy_fwd_bwd(
+    input: Tensor,
+    classifier: Tensor,
+    bias: Optional[Tensor],
+    target: Tensor,
+    class_weight: Optional[Tensor],
+    grad_lse: Tensor,
+    grad_target_logit: Tensor,
+    grad_logit_sum: Optional[Tensor],
+    softcap: Optional[float],
+    filter_eps: Optional[float],
+    input_needs_grad: bool,
+    classifier_needs_grad: bool,
+    bias_needs_grad: bool,
+    filter_classifier: bool = True,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(lse, target_logit, logit_sum, grad_input, grad_classifier, grad_bias); logit_sum is
+    computed when grad_logit_sum is given."""
+    return blocked.forward_and_backward(
+        input, classifier, bias, target, class_weight, grad_lse, grad_target_logit,
+        grad_logit_sum, softcap, filter_eps, input_needs_grad, classifier_needs_grad,
+        bias_needs_grad, filter_classifier,
+    )
+
+
+@linear_cross_entropy_fwd_bwd.register_fake
+def _(input, classifier, bias, target, class_weight, grad_lse, grad_target_logit, grad_logit_sum,
+      softcap, filter_eps, input_needs_grad, classifier_needs_grad, bias_needs_grad,
+      filter_classifier=True):
+    return (*_fake_row_statistics(input, grad_logit_sum is not None),
+            *_fake_gradients(input, classifier, bias, input_needs_grad, classifier_needs_grad,
+                             bias_needs_grad))
 
 
 def statistics_gradients(

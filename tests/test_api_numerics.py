@@ -8,6 +8,7 @@ gradient filter has its own tests at the end.
 from __future__ import annotations
 
 import functools
+import inspect
 import zlib
 
 import pytest
@@ -29,8 +30,9 @@ unfiltered = functools.partial(cce_inductor.linear_cross_entropy, filter_eps=Non
 
 @pytest.fixture
 def small_blocks(monkeypatch):
-    """Several token and vocab tiles (with ragged last tiles) at test sizes."""
-    monkeypatch.setattr(blocked, "TOKEN_BLOCK", 16)
+    """Several row chunks and gradient vocabulary blocks, each with a ragged last one, at test
+    sizes."""
+    monkeypatch.setattr(blocked, "chunk_rows", lambda n, vocab, hidden: 16)
     monkeypatch.setattr(blocked, "VOCAB_BLOCK", 256)
 
 
@@ -61,8 +63,8 @@ def test_matches_reference(
 @pytest.mark.parametrize("all_options", [False, True], ids=["plain", "all_options"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_matches_reference_default_blocks(dtype, all_options):
-    """The shipped block sizes: one token block, V > VOCAB_BLOCK with a 5-column last tile."""
-    assert N < blocked.TOKEN_BLOCK < V and V % blocked.VOCAB_BLOCK
+    """The shipped block sizes: one chunk, V > VOCAB_BLOCK with a ragged last block."""
+    assert N < blocked.chunk_rows(N, V, D) and V > blocked.VOCAB_BLOCK and V % blocked.VOCAB_BLOCK
     inputs = reference.make_inputs(
         N, V, D, dtype, bias=all_options, class_weight=all_options,
         ignored="some" if all_options else "none", seed=_seed(dtype, all_options),
@@ -73,11 +75,41 @@ def test_matches_reference_default_blocks(dtype, all_options):
     )
 
 
-def test_many_token_blocks_default_vocab_block(monkeypatch):
-    """N > TOKEN_BLOCK with the shipped VOCAB_BLOCK (TOKEN_BLOCK lowered to keep N small)."""
-    monkeypatch.setattr(blocked, "TOKEN_BLOCK", 8)
+def test_many_chunks_default_vocab_block(monkeypatch):
+    """Several chunks with the shipped VOCAB_BLOCK (chunks lowered to 8 rows to keep N small)."""
+    monkeypatch.setattr(blocked, "chunk_rows", lambda n, vocab, hidden: 8)
     inputs = reference.make_inputs(N, V, D, torch.float32, bias=True, ignored="some", seed=3)
     reference.check_against_reference(unfiltered, inputs, torch.float32, reduction="sum")
+
+
+def _peaked_logits_inputs(target_is_argmax: bool) -> dict:
+    """fp32 logits of standard deviation ~500 (input ~ N(0, 40^2), classifier ~ N(0, 3^2),
+    D = 16): many rows are one-hot in fp32. With target_is_argmax every other row's target is
+    its largest logit; where that row is one-hot, torch's gradient row is exactly 0."""
+    gen = torch.Generator().manual_seed(18)
+    input = torch.randn(20, 16, generator=gen) * 40
+    linear_weight = torch.randn(300, 16, generator=gen) * 3
+    target = torch.randint(0, 300, (20,), generator=gen)
+    if target_is_argmax:
+        target[::2] = (input.double() @ linear_weight.double().T).argmax(1)[::2]
+    return {"input": input, "linear_weight": linear_weight, "linear_bias": None, "weight": None,
+            "target": target}
+
+
+@pytest.mark.parametrize("target_is_argmax", [False, True], ids=["random_target", "argmax"])
+@pytest.mark.parametrize("reduction", ["mean", "none"], ids=["one_pass", "recompute"])
+def test_peaked_fp32_softmax(reduction, target_is_argmax):
+    """The softmax of the gradient is torch's exp(log_softmax(z)), in the one-pass path and in
+    the recompute backward: a peaked row's dz is 0 where torch's is, and the gradients' error is
+    torch's. (p = exp(z - lse) with the fp32 lse had about 75x torch's error in grad input.)"""
+    inputs = _peaked_logits_inputs(target_is_argmax)
+    ours = reference.check_against_reference(unfiltered, inputs, torch.float32,
+                                             reduction=reduction)
+    theirs = reference.loss_and_grads(reference.torch_linear_cross_entropy, inputs,
+                                      torch.float32, reduction=reduction)
+    zero_rows = (theirs["input"] == 0).all(1)
+    assert (zero_rows.sum() >= 3) if target_is_argmax else not zero_rows.any()
+    assert (ours["input"][zero_rows] == 0).all()
 
 
 @pytest.mark.parametrize("non_default", [-1, 3], ids=["negative", "inside_vocab"])
@@ -232,37 +264,48 @@ def test_output_and_gradient_dtypes(dtype):
 
 
 @pytest.mark.parametrize(
+    "reduction,implementation",
+    [("sum", "forward_and_backward"), ("none", "backward")],
+    ids=["one_pass", "recompute"],
+)
+@pytest.mark.parametrize(
     "trainable",
     [("input",), ("linear_weight",), ("linear_bias",), ("input", "linear_bias"),
      ("linear_weight", "linear_bias")],
     ids=lambda names: "+".join(names),
 )
-def test_only_requested_gradients_computed(monkeypatch, trainable):
-    """A frozen tensor's gradient is neither returned nor computed by the backward op."""
+def test_only_requested_gradients_computed(monkeypatch, trainable, reduction, implementation):
+    """A frozen tensor's gradient is neither returned nor computed, on the one-pass path (a
+    scalar loss) and on the recompute path (the backward op)."""
     calls = []
-    original = blocked.backward
+    original = getattr(blocked, implementation)
+    flags = list(inspect.signature(original).parameters).index("input_needs_grad")
 
     def spy(*args):
-        calls.append(args[11:14])  # input_needs_grad, weight_needs_grad, bias_needs_grad
+        calls.append(args[flags:flags + 3])  # input's, classifier's and bias's needs_grad
         return original(*args)
 
-    monkeypatch.setattr(blocked, "backward", spy)
+    monkeypatch.setattr(blocked, implementation, spy)
     inputs = reference.make_inputs(11, 300, 16, torch.float32, bias=True, ignored="some", seed=11)
-    full = reference.loss_and_grads(unfiltered, inputs, torch.float32)
-    calls.clear()
 
-    tensors = {name: inputs[name].clone().requires_grad_(name in trainable)
-               for name in reference.GRAD_NAMES}
-    unfiltered(
-        tensors["input"], tensors["linear_weight"], inputs["target"],
-        linear_bias=tensors["linear_bias"],
-    ).backward()
+    def gradients(names):
+        tensors = {name: inputs[name].clone().requires_grad_(name in names)
+                   for name in reference.GRAD_NAMES}
+        unfiltered(
+            tensors["input"], tensors["linear_weight"], inputs["target"],
+            linear_bias=tensors["linear_bias"], reduction=reduction,
+        ).sum().backward()
+        return {name: tensor.grad for name, tensor in tensors.items()}
+
+    full = gradients(reference.GRAD_NAMES)
+    calls.clear()
+    frozen = gradients(trainable)
     assert calls == [tuple(name in trainable for name in reference.GRAD_NAMES)]
-    for name, tensor in tensors.items():
+    for name, grad in frozen.items():
         if name in trainable:
-            torch.testing.assert_close(tensor.grad, full[name], rtol=0, atol=0)
+            torch.testing.assert_close(grad, full[name], rtol=0, atol=0)
         else:
-            assert tensor.grad is None
+            assert grad is None
 
 
 def test_nothing_trainable_runs_no_backward():
@@ -304,21 +347,20 @@ def test_all_ignored_mean_is_nan_with_zero_gradients(small_blocks):
 
 @pytest.fixture
 def filter_blocks(monkeypatch):
-    # 4 token blocks x 32 vocab tiles x 2 filter blocks: a token block's 16 rows need at most
-    # 16 + 4 of its 64 filter blocks.
-    monkeypatch.setattr(blocked, "TOKEN_BLOCK", 16)
-    monkeypatch.setattr(blocked, "VOCAB_BLOCK", 256)
+    # 4 chunks x 64 filter blocks: a chunk's 16 rows need at most 16 + 4 of its 64 blocks.
+    monkeypatch.setattr(blocked, "chunk_rows", lambda n, vocab, hidden: 16)
     monkeypatch.setattr(blocked, "FILTER_BLOCK", 128)
 
 
-def test_filter_skips_most_blocks_of_peaked_rows(filter_blocks):
+@pytest.mark.parametrize("reduction", ["mean", "none"], ids=["one_pass", "recompute"])
+def test_filter_skips_most_blocks_of_peaked_rows(filter_blocks, reduction):
     inputs = reference.peaked_inputs(torch.bfloat16)
     with filter_stats.collect() as stats:
         reference.check_against_reference(
             functools.partial(cce_inductor.linear_cross_entropy, filter_eps="auto"),
-            inputs, torch.bfloat16,
+            inputs, torch.bfloat16, reduction=reduction,
         )
-    assert stats.total == 4 * 32 * 2
+    assert stats.total == 4 * 64
     assert stats.fraction > 0.6, stats
     # Control: an eps that also drops the p ~ 1e-2 columns u breaks the tolerance, so the
     # check above is able to fail.
@@ -327,6 +369,29 @@ def test_filter_skips_most_blocks_of_peaked_rows(filter_blocks):
             functools.partial(cce_inductor.linear_cross_entropy, filter_eps=0.1),
             inputs, torch.bfloat16,
         )
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"], ids=["one_pass", "recompute"])
+def test_filter_grads_input(filter_blocks, reduction):
+    """filter_grads='input': the classifier's and bias's gradients sum every block (bitwise the
+    unfiltered ones), the input's skips blocks (bitwise that of filter_grads='all')."""
+    inputs = reference.peaked_inputs(torch.bfloat16)
+    inputs["linear_bias"] = torch.zeros(inputs["linear_weight"].shape[0], dtype=torch.bfloat16)
+
+    def grads(**options):
+        with filter_stats.collect() as stats:
+            result = reference.loss_and_grads(cce_inductor.linear_cross_entropy, inputs,
+                                              torch.bfloat16, reduction=reduction, **options)
+        return result, stats
+
+    (input_only, stats), (everywhere, _), (unfiltered_grads, _) = (
+        grads(filter_grads="input"), grads(), grads(filter_eps=None))
+    assert stats.skipped > 0
+    for name in ("linear_weight", "linear_bias"):
+        assert torch.equal(input_only[name], unfiltered_grads[name]), name
+        assert not torch.equal(everywhere[name], unfiltered_grads[name]), name
+    assert torch.equal(input_only["input"], everywhere["input"])
+    assert not torch.equal(input_only["input"], unfiltered_grads["input"])
 
 
 def test_filter_off_skips_nothing(filter_blocks):
@@ -359,3 +424,24 @@ def test_filter_never_skips_with_label_smoothing(filter_blocks):
         reference.loss_and_grads(cce_inductor.linear_cross_entropy, inputs, torch.bfloat16,
                                  label_smoothing=0.1)
     assert stats.skipped == 0, stats
+
+
+# ---------------------------------------------------------------- determinism
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("reduction", ["sum", "none"], ids=["one_pass", "recompute"])
+def test_cpu_path_is_deterministic(small_blocks, monkeypatch, dtype, reduction):
+    """Two runs give bitwise the same loss and gradients, on two threads (the CPU path has no
+    atomics and a fixed order of operations), with several chunks, class weights, a bias and,
+    for bf16, filtering ('auto')."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        inputs = reference.make_inputs(96, 2048, 64, dtype, bias=True, class_weight=True,
+                                       ignored="some", seed=16)
+        runs = [reference.loss_and_grads(cce_inductor.linear_cross_entropy, inputs, dtype,
+                                         reduction=reduction) for _ in range(2)]
+    finally:
+        torch.set_num_threads(previous)
+    for name, value in runs[0].items():
+        assert torch.equal(value, runs[1][name]), name

@@ -221,9 +221,9 @@ def test_filter_eps(filter_eps, filtered):
     w = (torch.randn(2048, 16, generator=gen) * 3).bfloat16().requires_grad_()
     y = torch.randint(0, 100, (4,), generator=gen)
     compiled = torch.compile(_linear_ce, backend=make_cce_backend(filter_eps=filter_eps))
-    loss = compiled(x, w, y)
+    # On the CPU the scalar loss's gradients are computed in its forward: count both.
     with filter_stats.collect() as stats:
-        loss.backward()
+        compiled(x, w, y).backward()
     assert (stats.total > 0) == filtered
     assert (stats.skipped > 0) == filtered
 

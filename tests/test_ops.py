@@ -89,6 +89,30 @@ def test_opcheck_backward(options, needs_grad, filter_eps):
     )
 
 
+@pytest.mark.parametrize("options,needs_grad,filter_eps", BACKWARD_CASES, ids=BACKWARD_IDS)
+def test_opcheck_forward_and_backward(options, needs_grad, filter_eps):
+    """The one-pass op, and that it returns fwd's statistics and bwd's gradients exactly."""
+    bias, class_weight, softcap, with_logit_sum = options
+    filter_classifier = not needs_grad[2]
+    t = _tensors(bias=bias, class_weight=class_weight)
+    gen = torch.Generator().manual_seed(1)
+    grad_lse, grad_target_logit, grad_logit_sum = torch.randn(3, N, generator=gen)
+    grad_logit_sum = grad_logit_sum if with_logit_sum else None
+    tensors = (t["input"], t["weight"], t["bias"], t["target"], t["class_weight"])
+    args = (*tensors, grad_lse, grad_target_logit, grad_logit_sum, softcap, filter_eps,
+            *needs_grad, filter_classifier)
+    torch.library.opcheck(torch.ops.cce.linear_cross_entropy_fwd_bwd.default, args)
+    ours = torch.ops.cce.linear_cross_entropy_fwd_bwd(*args)
+    lse, target_logit, logit_sum, tile_max, lse_parts = torch.ops.cce.linear_cross_entropy_fwd(
+        *tensors, softcap, with_logit_sum, filter_eps)
+    expected_grads = torch.ops.cce.linear_cross_entropy_bwd(
+        *tensors, lse, grad_lse, grad_target_logit, grad_logit_sum, softcap, filter_eps,
+        *needs_grad, tile_max, lse_parts, filter_classifier,
+    )
+    for got, expected in zip(ours, (lse, target_logit, logit_sum, *expected_grads)):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize(
     "options",
