@@ -346,8 +346,8 @@ def _chunk_statistics(
 
 @dataclasses.dataclass
 class _TargetTerms:
-    """The one-hot part of a chunk's dz kept out of its products (see `_dz`): chunk row rows[k]
-    adds values[k] at class cols[k]."""
+    """The one-hot part of a chunk's dz kept out of its grad_input product (see `_dz`): chunk
+    row rows[k] adds values[k] at class cols[k]."""
 
     rows: Tensor
     cols: Tensor
@@ -367,9 +367,9 @@ def _dz(
     * softcap'(z), in place of the softmax p.
 
     The one-hot term goes into dz only on rows whose target holds most of the mass (p >= 1/2),
-    where it cancels the target's p; elsewhere it is returned aside and added after the
-    products. Without it the products' running sums stay small, which keeps their rounding
-    error below torch's for the long sums over V of grad_input (oneDNN sums in plain order)."""
+    where it cancels the target's p; elsewhere it is returned aside, for `_accumulate` to add
+    after grad_input's product. Without it that product's running sums stay small, which keeps
+    their rounding error below torch's for the long sums over V (oneDNN sums in plain order)."""
     grad_lse = row_grads.lse[rows]
     hit_rows = hit.nonzero()[:, 0]
     cols = col[hit_rows]
@@ -433,80 +433,94 @@ def _accumulate(
     filter_classifier: bool, grads: _Gradients, aside: _TargetTerms,
 ) -> None:
     """Add one chunk's dz [rows, V] products, and the target terms kept aside, to the
-    gradients. With filtering (`needed` given) grad_input's products run over the needed blocks
-    only (`_accumulate_kept`), and so do the classifier's and the bias's where
-    filter_classifier; the others run over every class (`_accumulate_all`)."""
-    want_input = grads.input is not None
+    gradients. With filtering (`needed` given) grad_input's product runs over the needed blocks
+    only, and so do the classifier's and the bias's where filter_classifier.
+
+    The target terms kept aside join grad_input after its product (see `_dz`), and dz before
+    the classifier's and the bias's, whose sums over the chunk's rows are short: a few
+    scattered rows and entries instead of index updates of the [V, D] accumulator."""
+    classifier_needed = needed if filter_classifier else None
     want_classifier = grads.classifier is not None or grads.bias is not None
-    classifier_filtered = needed is not None and filter_classifier
-    if needed is not None and (want_input or classifier_filtered and want_classifier):
-        _accumulate_kept(problem, dz, e, n0, n1, needed, grads, want_input,
-                         classifier_filtered and want_classifier)
-    if needed is None and want_input or not classifier_filtered and want_classifier:
-        _accumulate_all(problem, dz, e, n0, n1, grads, needed is None and want_input,
-                        not classifier_filtered and want_classifier)
-    if aside.rows.numel():
-        values = aside.values[:, None]
-        if grads.input is not None:
-            _add_rows(grads.input, aside.rows + n0, values * problem.classifier[aside.cols])
-        if grads.classifier is not None:
-            _add_rows(grads.classifier, aside.cols, values * e[aside.rows])
-        if grads.bias is not None:
-            _add_rows(grads.bias, aside.cols, aside.values)
+    # The operand of the products over every class, converted once for both.
+    dense = (needed is None and grads.input is not None
+             or classifier_needed is None and want_classifier)
+    dz_mm = dz.to(problem.mm) if dense else None
+    if grads.input is not None:
+        chunk = grads.input[n0:n1]
+        chunk.copy_(_input_product(problem, dz, dz_mm, needed))
+        if aside.rows.numel():
+            _add_rows(chunk, aside.rows,
+                      aside.values[:, None] * problem.classifier.index_select(0, aside.cols))
+    if want_classifier:
+        if aside.rows.numel():
+            dz.index_put_((aside.rows, aside.cols), aside.values, accumulate=True)
+            if dz_mm is not None and dz_mm is not dz:
+                dz_mm.index_put_((aside.rows, aside.cols),
+                                 dz[aside.rows, aside.cols].to(dz_mm.dtype))
+        _classifier_products(problem, dz, dz_mm, e, n0, classifier_needed, grads)
 
 
-def _accumulate_all(
-    problem: _Problem, dz: Tensor, e: Tensor, n0: int, n1: int, grads: _Gradients,
-    with_input: bool, with_classifier: bool,
-) -> None:
-    """`_accumulate`'s products over every class: grad_input's (with_input), the classifier's
-    and the bias's (with_classifier).
-
-    grad_input is one product over all V classes, through oneDNN where `_linear` serves (the
-    target terms aside make its rounding error smaller than torch's). grad_classifier is added
-    in place (beta = 1) by torch's matmul, which reads dz transposed without a copy, in blocks of
-    VOCAB_BLOCK classes when the product needs a cast (a 16-bit one cannot accumulate in fp32),
-    so that its temporary stays block-sized."""
-    dz_mm = dz.to(problem.mm)
-    if with_input:
-        grads.input[n0:n1] = _linear(dz_mm, problem.classifier.T)
-    if with_classifier and grads.bias is not None:
-        grads.bias += dz.sum(0)
-    if with_classifier and grads.classifier is not None:
-        vocab = dz.shape[1]
-        width = vocab if problem.mm == problem.acc else VOCAB_BLOCK
-        for v0 in range(0, vocab, width):
-            _add_product(grads.classifier[v0:v0 + width], dz_mm[:, v0:v0 + width].T, e,
-                         assign=n0 == 0 and not grads.zeroed)
-
-
-def _accumulate_kept(
-    problem: _Problem, dz: Tensor, e: Tensor, n0: int, n1: int, needed: Tensor,
-    grads: _Gradients, with_input: bool, with_classifier: bool,
-) -> None:
-    """`_accumulate`'s products over the kept classes only, VOCAB_BLOCK classes at a time (the
-    gathered columns and their products stay block-sized): grad_input's (with_input), the
-    classifier's and the bias's (with_classifier). grad_input sums the blocks' partial
-    products in fp32."""
+def _input_product(
+    problem: _Problem, dz: Tensor, dz_mm: Optional[Tensor], needed: Optional[Tensor]
+) -> Tensor:
+    """dz @ classifier for the chunk: one product over all V classes through oneDNN where
+    `_linear` serves (fewer rounding errors than torch's own fp32 product, with the target terms
+    aside), or with filtering the sum in fp32 of the needed blocks' products, VOCAB_BLOCK
+    classes at a time (the gathered columns stay block-sized)."""
+    if needed is None:
+        return _linear(dz_mm, problem.classifier.T)
     vocab = dz.shape[1]
-    bias = grads.bias if with_classifier else None
-    classifier = grads.classifier if with_classifier else None
-    grad_input = None
+    total = None
     for v0 in range(0, vocab, VOCAB_BLOCK):
         classes = _block_classes(needed, v0, min(v0 + VOCAB_BLOCK, vocab))
         if classes is None:
             continue
-        dz_block = dz[:, classes]
-        if bias is not None:
-            _add_rows(bias, classes, dz_block.sum(0))
-        dz_mm = dz_block.to(problem.mm)
-        if with_input:
-            product = _linear(dz_mm, problem.classifier[classes].T).to(problem.acc)
-            grad_input = product if grad_input is None else grad_input.add_(product)
-        if classifier is not None:
-            _add_rows(classifier, classes, dz_mm.T @ e)
-    if grad_input is not None:
-        grads.input[n0:n1] = grad_input
+        product = _linear(_take(dz, 1, classes).to(problem.mm),
+                          _take(problem.classifier, 0, classes).T)
+        total = product.to(problem.acc) if total is None else total.add_(product)
+    if total is None:
+        return dz.new_zeros((dz.shape[0], problem.classifier.shape[1]))
+    return total
+
+
+def _classifier_products(
+    problem: _Problem, dz: Tensor, dz_mm: Optional[Tensor], e: Tensor, n0: int,
+    needed: Optional[Tensor], grads: _Gradients,
+) -> None:
+    """Add dz.T @ e to grad_classifier and dz.sum(0) to grad_bias, over every class or only the
+    `needed` blocks' (VOCAB_BLOCK classes at a time).
+
+    Over every class, grad_classifier is added in place (beta = 1) by torch's matmul, which
+    reads dz transposed without a copy, in blocks of VOCAB_BLOCK classes when the product needs
+    a cast (a 16-bit one cannot accumulate in fp32), so that its temporary stays block-sized."""
+    vocab = dz.shape[1]
+    if needed is None:
+        if grads.bias is not None:
+            grads.bias += dz.sum(0)
+        if grads.classifier is not None:
+            width = vocab if problem.mm == problem.acc else VOCAB_BLOCK
+            for v0 in range(0, vocab, width):
+                _add_product(grads.classifier[v0:v0 + width], dz_mm[:, v0:v0 + width].T, e,
+                             assign=n0 == 0 and not grads.zeroed)
+        return
+    for v0 in range(0, vocab, VOCAB_BLOCK):
+        classes = _block_classes(needed, v0, min(v0 + VOCAB_BLOCK, vocab))
+        if classes is None:
+            continue
+        dz_block = _take(dz, 1, classes)
+        if grads.bias is not None:
+            _add_rows(grads.bias, classes, dz_block.sum(0))
+        if grads.classifier is not None:
+            _add_rows(grads.classifier, classes, dz_block.to(problem.mm).T @ e)
+
+
+def _take(tensor: Tensor, dim: int, indices: slice | Tensor) -> Tensor:
+    """tensor's entries at `indices` along dim 0 or 1: a view for a slice, else index_select
+    (on CPU, advanced indexing of rows takes milliseconds where index_select takes
+    microseconds)."""
+    if isinstance(indices, slice):
+        return tensor[indices] if dim == 0 else tensor[:, indices]
+    return tensor.index_select(dim, indices)
 
 
 def _add_rows(out: Tensor, rows: slice | Tensor, values: Tensor) -> None:
