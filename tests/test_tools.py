@@ -144,6 +144,37 @@ def test_bench_smoke(tmp_path, capsys):
         assert "matplotlib is not installed" in captured.err
 
 
+def test_bench_interleaved(tmp_path, capsys):
+    """--interleaved: the workers take turns (their processes run at once, their timed runs
+    one at a time), every timed run is kept, and each one's median per-round time ratio to
+    --ratio-to is reported (1 for the reference itself)."""
+    json_path = tmp_path / "bench.json"
+    arguments = ["--n", "32", "--v", "256", "--d", "16", "--modes", "loss+grad", "--warmup", "0",
+                 "--repetitions", "2", "--interleaved", "--impl", "torch eager",
+                 "--impl", "cce-inductor API", "--ratio-to", "torch eager", "--device", "cpu",
+                 "--json", str(json_path)]
+    assert bench.main(arguments) == 0
+    assert "x torch eager (median per round)" in capsys.readouterr().out
+    data = json.loads(json_path.read_text())
+    assert data["interleaved"] is True
+    ratios = {entry["implementation"]: entry for entry in data["results"]}
+    assert set(ratios) == {"torch eager", "cce-inductor API"}
+    for entry in ratios.values():
+        assert len(entry["times_ms"]) == 2 and entry["round_ratio"] > 0
+    assert ratios["torch eager"]["round_ratio"] == 1.0
+
+
+def test_round_ratios_divide_within_rounds():
+    results = [
+        {"implementation": "a", "mode": "loss", "times_ms": [10.0, 40.0, 20.0]},
+        {"implementation": "b", "mode": "loss", "times_ms": [5.0, 10.0, 30.0]},
+        {"implementation": "b", "mode": "loss+grad", "times_ms": [1.0]},  # no reference there
+    ]
+    bench.add_round_ratios(results, "a")
+    assert results[1]["round_ratio"] == 0.5  # median of 0.5, 0.25, 1.5
+    assert "round_ratio" not in results[2]
+
+
 def test_bench_refuses_large_presets_on_cpu():
     with pytest.raises(SystemExit):
         bench.main(["--preset", "llama3-8b", "--device", "cpu"])
