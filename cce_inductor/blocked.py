@@ -23,7 +23,8 @@ works row by row in cache.
 Matmuls run in the inputs' dtype for bf16 (the logits are rounded to bf16 exactly as torch's own
 bf16 `linear` rounds them) and in fp32 otherwise (fp16 matmuls are not faster on CPUs). On a
 CPU with AVX-512 the fp32 logits and grad_input come from oneDNN (see `_linear`), grad_classifier
-from torch's matmul (see `_accumulate`). Everything after the matmul (softcap, exp, sums,
+from torch's matmul (see `_classifier_products`: with 2 threads MKL's product with a short inner
+dimension, the chunk's rows, beat oneDNN's). Everything after the matmul (softcap, exp, sums,
 accumulation across chunks) is fp32, or fp64 for fp64 inputs. The order of every operation is
 fixed: results are deterministic for a given thread count.
 """
@@ -51,7 +52,7 @@ MIN_CHUNK_ROWS = 64
 # columns are gathered into one matmul, fine enough that peaked rows skip most of them.
 FILTER_BLOCK = 128
 # The gradient products run this many classes at a time when they must be split (see
-# _accumulate); a multiple of FILTER_BLOCK.
+# _input_product, _classifier_products); a multiple of FILTER_BLOCK.
 VOCAB_BLOCK = 2048
 
 
