@@ -88,14 +88,21 @@ def argument_names(source: str) -> list[str]:
 
 
 def _asserted_layouts(source: str) -> dict[str, tuple[str, str]]:
-    """name -> (sizes, strides) source text of each `assert_size_stride` in `call`."""
+    """name -> (sizes, strides) source text of each `assert_size_stride` in `call`, and of
+    each tensor of an `assert_size_stride_grouped((names), (sizes), (strides), ...)` (the form
+    torch 2.14's wrappers use for the inputs)."""
     layouts = {}
     for statement in call_body(source):
         node = ast.parse(statement).body[0]
-        if (isinstance(node, ast.Expr) and isinstance(node.value, ast.Call)
-                and ast.unparse(node.value.func) == "assert_size_stride"):
-            name, sizes, strides = (ast.unparse(arg) for arg in node.value.args[:3])
+        if not (isinstance(node, ast.Expr) and isinstance(node.value, ast.Call)):
+            continue
+        function, args = ast.unparse(node.value.func), node.value.args
+        if function == "assert_size_stride":
+            name, sizes, strides = (ast.unparse(arg) for arg in args[:3])
             layouts[name] = (sizes, strides)
+        elif function == "assert_size_stride_grouped":
+            for name, sizes, strides in zip(*(arg.elts for arg in args[:3])):
+                layouts[ast.unparse(name)] = (ast.unparse(sizes), ast.unparse(strides))
     return layouts
 
 
