@@ -91,7 +91,7 @@ def linear_cross_entropy(
                                             rows.class_weight, options) is None:
         return one_pass.scalar_loss(rows, linear_weight, linear_bias, options, eps)
     # Eager calls on a GPU run the op through an internal torch.compile (the Triton templates).
-    lse, target_logit, logit_sum, _, _ = dispatch.call(
+    lse, target_logit, logit_sum, _, _, _ = dispatch.call(
         torch.ops.cce.linear_cross_entropy_fwd, rows.input, linear_weight, linear_bias,
         rows.target, rows.class_weight, rows.softcap, rows.label_smoothing > 0, eps,
         options.filter_classifier,

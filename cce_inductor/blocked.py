@@ -32,6 +32,7 @@ fixed: results are deterministic for a given thread count.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional
 
 import torch
@@ -82,11 +83,14 @@ def _linear(x: Tensor, w: Tensor) -> Tensor:
 
 @dataclasses.dataclass
 class _RowGradients:
-    """Gradients of the three row statistics, [N] each (logit_sum's None when not used)."""
+    """Gradients of the row statistics, [N] each (logit_sum's and entropy's None when not
+    used); `entropy_value` is the entropy H itself, which the entropy's gradient term reads."""
 
     lse: Tensor
     target_logit: Tensor
     logit_sum: Optional[Tensor]
+    entropy: Optional[Tensor] = None
+    entropy_value: Optional[Tensor] = None
 
 
 @dataclasses.dataclass
@@ -102,9 +106,11 @@ class _Problem:
     softcap: Optional[float]
     acc: torch.dtype
     mm: torch.dtype
+    logit_scale: float = 1.0  # z = logit_scale * softcap(x)
 
     @classmethod
-    def of(cls, input, classifier, bias, target, class_weight, softcap) -> "_Problem":
+    def of(cls, input, classifier, bias, target, class_weight, softcap,
+           logit_scale: float = 1.0) -> "_Problem":
         acc, mm = _acc_dtype(input.dtype), _matmul_dtype(input.dtype)
         vocab = classifier.shape[0]
         return cls(
@@ -112,7 +118,7 @@ class _Problem:
             bias=bias.to(acc) if bias is not None else None,
             hit=(target >= 0) & (target < vocab), col=target.clamp(0, vocab - 1),
             class_weight=class_weight.to(acc) if class_weight is not None else None,
-            softcap=softcap, acc=acc, mm=mm,
+            softcap=softcap, acc=acc, mm=mm, logit_scale=float(logit_scale),
         )
 
 
@@ -163,6 +169,7 @@ class _Statistics:
     lse: Tensor
     target_logit: Tensor
     logit_sum: Tensor  # shape [0] unless asked for
+    entropy: Tensor  # shape [0] unless asked for
 
     def results(self) -> tuple[Tensor, Tensor, Tensor]:
         return self.lse, self.target_logit, self.logit_sum
@@ -176,13 +183,15 @@ def forward(
     class_weight: Optional[Tensor],
     softcap: Optional[float],
     with_logit_sum: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(lse, target_logit, logit_sum) per row (see cce_inductor.ops)."""
-    problem = _Problem.of(input, classifier, bias, target, class_weight, softcap)
-    stats = _new_statistics(problem, with_logit_sum)
+    logit_scale: float = 1.0,
+    with_entropy: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(lse, target_logit, logit_sum, entropy) per row (see cce_inductor.ops)."""
+    problem = _Problem.of(input, classifier, bias, target, class_weight, softcap, logit_scale)
+    stats = _new_statistics(problem, with_logit_sum, with_entropy)
     with torch.no_grad():
         _sweep(problem, stats, None, None, None, None)
-    return stats.results()
+    return (*stats.results(), stats.entropy)
 
 
 def backward(
@@ -201,21 +210,26 @@ def backward(
     classifier_needs_grad: bool,
     bias_needs_grad: bool,
     filter_classifier: bool = True,
+    logit_scale: float = 1.0,
+    entropy: Optional[Tensor] = None,
+    grad_entropy: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(grad_input, grad_classifier, grad_bias) for the given gradients of the statistics;
-    with filter_classifier=False filtering narrows grad_input's product only.
+    """(grad_input, grad_classifier, grad_bias) for the given gradients of the statistics
+    (grad_entropy with the forward's entropy, both or neither); with filter_classifier=False
+    filtering narrows grad_input's product only.
 
     p is exp(z - lse) with the given lse, computed as softmax(z) * exp(own lse - given lse):
     exactly the forward's softmax where the given lse is the one this sweep recomputes (the
     forward's own, not a global one from cce_inductor.vocab_parallel)."""
-    problem = _Problem.of(input, classifier, bias, target, class_weight, softcap)
+    problem = _Problem.of(input, classifier, bias, target, class_weight, softcap, logit_scale)
     grads = _Gradients.new(problem, input_needs_grad, classifier_needs_grad, bias_needs_grad,
                            filter_eps)
     if grads.any():
-        row_grads = _RowGradients(grad_lse, grad_target_logit, grad_logit_sum)
+        row_grads = _RowGradients(grad_lse, grad_target_logit, grad_logit_sum, grad_entropy,
+                                  entropy if grad_entropy is not None else None)
         with torch.no_grad():
-            _sweep(problem, _new_statistics(problem, grad_logit_sum is not None), row_grads,
-                   lse, grads, filter_eps, filter_classifier)
+            _sweep(problem, _new_statistics(problem, grad_logit_sum is not None, False),
+                   row_grads, lse, grads, filter_eps, filter_classifier)
     return grads.results(input, classifier, bias)
 
 
@@ -238,7 +252,7 @@ def forward_and_backward(
     """`forward`'s statistics and `backward`'s gradients in one sweep (logit_sum is computed
     when grad_logit_sum is given)."""
     problem = _Problem.of(input, classifier, bias, target, class_weight, softcap)
-    stats = _new_statistics(problem, grad_logit_sum is not None)
+    stats = _new_statistics(problem, grad_logit_sum is not None, False)
     grads = _Gradients.new(problem, input_needs_grad, classifier_needs_grad, bias_needs_grad,
                            filter_eps)
     row_grads = _RowGradients(grad_lse, grad_target_logit, grad_logit_sum)
@@ -248,12 +262,13 @@ def forward_and_backward(
     return (*stats.results(), *grads.results(input, classifier, bias))
 
 
-def _new_statistics(problem: _Problem, with_logit_sum: bool) -> _Statistics:
+def _new_statistics(problem: _Problem, with_logit_sum: bool, with_entropy: bool) -> _Statistics:
     n = problem.input.shape[0]
     new = problem.input.new_zeros
     return _Statistics(
         lse=new((n,), dtype=problem.acc), target_logit=new((n,), dtype=problem.acc),
         logit_sum=new((n,) if with_logit_sum else (0,), dtype=problem.acc),
+        entropy=new((n,) if with_entropy else (0,), dtype=problem.acc),
     )
 
 
@@ -308,7 +323,8 @@ def _chunk(
         shift = stats.lse[n0:n1] - given_lse[n0:n1]
         if bool(shift.any()):
             p.mul_(torch.exp(shift)[:, None])
-    needed = _needed_blocks(p, hit, col, filter_eps) if filter_eps is not None else None
+    needed = _needed_blocks(p, hit, col, filter_eps, row_grads, slice(n0, n1)) \
+        if filter_eps is not None else None
     dz, aside = _dz(problem, p, slice(n0, n1), hit, col, row_grads, derivative)
     _accumulate(problem, dz, e, n0, n1, needed, filter_classifier, grads, aside)
 
@@ -322,8 +338,10 @@ def _chunk_statistics(
     stats: _Statistics,
     want_derivative: bool,
 ) -> Optional[Tensor]:
-    """Finish the chunk's logits z [rows, V] (bias, softcap) and write their row statistics;
-    z becomes softmax(z) in place. Returns the softcap derivative when asked for."""
+    """Finish the chunk's logits z [rows, V] (bias, softcap, logit scale:
+    z = logit_scale * softcap(x)) and write their row statistics; z becomes softmax(z) in
+    place. Returns the softcap derivative (1 - tanh^2) when asked for; the logit scale's
+    factor is `_dz`'s."""
     if problem.bias is not None:
         z += problem.bias
     derivative = None
@@ -331,13 +349,22 @@ def _chunk_statistics(
         tanh = z.div_(problem.softcap).tanh_()
         if want_derivative:
             derivative = 1.0 - tanh * tanh
-        z.mul_(problem.softcap)
+        z.mul_(problem.softcap * problem.logit_scale)
+    elif problem.logit_scale != 1.0:
+        z.mul_(problem.logit_scale)
     stats.target_logit[rows] = torch.where(hit, z.gather(1, col[:, None])[:, 0], 0.0)
     if stats.logit_sum.numel():
         stats.logit_sum[rows] = (
             z @ problem.class_weight if problem.class_weight is not None else z.sum(1)
         )
     row_max = z.amax(1)
+    if stats.entropy.numel():
+        # H = log s + sum_j exp(z_j - m)(m - z_j) / s: no difference of two logit-sized numbers
+        # (lse and sum_j p_j z_j agree to many digits where the softmax is peaked).
+        shifted = z - row_max[:, None]
+        weights = shifted.exp()
+        total = weights.sum(1)
+        stats.entropy[rows] = total.log() - weights.mul_(shifted).sum(1) / total
     # In place: the kernel reads each row whole before writing it. p = exp(z - m) / s.
     torch.softmax(z, 1, out=z)
     # The largest p is exp(0) / s, at the max: lse = m + log(s) = m - log(max p).
@@ -364,8 +391,10 @@ def _dz(
     row_grads: _RowGradients,
     derivative: Optional[Tensor],
 ) -> tuple[Tensor, _TargetTerms]:
-    """dz = (grad_lse * p + grad_target_logit * onehot(target) + grad_logit_sum * class_weight)
-    * softcap'(z), in place of the softmax p.
+    """dz = (p (grad_lse - grad_entropy (log p + H)) + grad_target_logit * onehot(target)
+    + grad_logit_sum * class_weight) * logit_scale * softcap'(x), in place of the softmax p
+    (the entropy's term as p (grad_lse - grad_entropy H) - grad_entropy p log p, 0 where p
+    underflows to 0).
 
     The one-hot term goes into dz only on rows whose target holds most of the mass (p >= 1/2),
     where it cancels the target's p; elsewhere it is returned aside, for `_accumulate` to add
@@ -375,7 +404,14 @@ def _dz(
     hit_rows = hit.nonzero()[:, 0]
     cols = col[hit_rows]
     peaked = p[hit_rows, cols] >= 0.5
-    dz = p.mul_(grad_lse[:, None])
+    if row_grads.entropy is not None:
+        grad_entropy = row_grads.entropy[rows]
+        p_log_p = torch.special.xlogy(p, p).mul_(grad_entropy[:, None])
+        coefficient = grad_lse - grad_entropy * row_grads.entropy_value[rows]
+        dz = p.mul_(coefficient[:, None]).sub_(p_log_p)
+        del p_log_p
+    else:
+        dz = p.mul_(grad_lse[:, None])
     if row_grads.logit_sum is not None:
         grad_logit_sum = row_grads.logit_sum[rows]
         if problem.class_weight is not None:
@@ -386,22 +422,36 @@ def _dz(
     if derivative is not None:
         dz.mul_(derivative)
         values = values * derivative[hit_rows, cols]
+    if problem.logit_scale != 1.0:
+        dz.mul_(problem.logit_scale)
+        values = values * problem.logit_scale
     dz[hit_rows[peaked], cols[peaked]] += values[peaked]
     flat = ~peaked
     return dz, _TargetTerms(hit_rows[flat], cols[flat], values[flat])
 
 
 def _needed_blocks(
-    p: Tensor, hit: Tensor, col: Tensor, filter_eps: float
+    p: Tensor, hit: Tensor, col: Tensor, filter_eps: float, row_grads: _RowGradients,
+    rows: slice,
 ) -> Optional[Tensor]:
     """Which FILTER_BLOCK-wide column blocks of the chunk need their dz computed (a bool per
     block), or None for all.
 
     A block is skipped when every softmax value in it is below filter_eps and no row's target
-    lies in it: its dz entries are then all below working precision.
+    lies in it: its dz entries are then all below working precision. With the entropy's
+    gradient every row's entries must be negligible by `negligible_rows`' bound instead.
     """
     width = p.shape[1]
     nblocks = -(-width // FILTER_BLOCK)
+    if row_grads.entropy is not None:
+        padded = torch.nn.functional.pad(p, (0, nblocks * FILTER_BLOCK - width))
+        p_max = padded.view(p.shape[0], nblocks, FILTER_BLOCK).amax(dim=2)
+        needed = ~negligible_rows(p_max, filter_eps, row_grads.lse[rows],
+                                  row_grads.target_logit[rows], row_grads.entropy[rows],
+                                  row_grads.entropy_value[rows]).all(dim=0)
+        needed[col[hit] // FILTER_BLOCK] = True
+        filter_stats.record(skipped=int(nblocks - needed.sum()), total=nblocks)
+        return None if bool(needed.all()) else needed
     full = width // FILTER_BLOCK * FILTER_BLOCK
     block_max = p.new_empty((nblocks,))
     if full:
@@ -414,6 +464,40 @@ def _needed_blocks(
     needed[col[hit] // FILTER_BLOCK] = True
     filter_stats.record(skipped=int(nblocks - needed.sum()), total=nblocks)
     return None if bool(needed.all()) else needed
+
+
+def negligible_rows(
+    p_max: Tensor, filter_eps: float, grad_lse: Tensor, grad_target_logit: Tensor,
+    grad_entropy: Optional[Tensor], entropy: Optional[Tensor],
+) -> Tensor:
+    """Which rows' entries of a block of dz are negligible at working precision, given each
+    row's largest softmax value p_max in the block (the block holding no row's target column).
+
+    The bound. Off the target column, dz_j = p_j (a - b (log p_j + H)) with a = grad_lse,
+    b = grad_entropy (0 without entropy), H >= 0 the row's entropy; dz/dx multiplies this by
+    logit_scale (1 - tanh^2), a factor common to the whole gradient (logit_scale) times one in
+    [0, 1] (the softcap's), so it only shrinks entries relative to the rest. For 0 < p_j <= P:
+        p_j |log p_j| <= P |log P| if P <= 1/e (p |log p| increases on (0, 1/e]), and <= 1/e always,
+    hence, writing phi(P) for that bound,
+        |dz_j| <= P |a| + |b| (P H + phi(P)).
+    An entry is negligible when it is below filter_eps relative to the row's gradient scale
+    r = max(|a|, |grad_target_logit|, |b|), the largest coefficient of any term of the row's dz.
+    For cross-entropy alone (a = -grad_target_logit, b = 0) this is the paper's rule p < eps;
+    a row whose softmax terms vanish (a = b = 0: ignored rows) never needs a block. The entropy
+    term needs the larger margin: at P = eps = 2**-12 it alone is eps (H + 8.3) |b|. The Triton
+    dz kernel applies the same bound (cce_negligible in templates/cce_common.py.jinja).
+    """
+    a = grad_lse.abs()
+    scale = torch.maximum(a, grad_target_logit.abs())
+    bound = p_max * a[:, None]
+    if grad_entropy is not None:
+        b = grad_entropy.abs()
+        scale = torch.maximum(scale, b)
+        spread = torch.where(p_max <= math.exp(-1.0),
+                             -p_max * torch.log(p_max.clamp_min(torch.finfo(p_max.dtype).tiny)),
+                             math.exp(-1.0))
+        bound = bound + b[:, None] * (p_max * entropy[:, None] + spread)
+    return (bound < filter_eps * scale[:, None]) | (bound == 0)
 
 
 def _block_classes(needed: Tensor, v0: int, v1: int) -> Optional[slice | Tensor]:

@@ -196,7 +196,7 @@ class _ShardedRowStatistics(torch.autograd.Function):
         filter_classifier: bool,
         group: Union[ProcessGroup, str],
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        block_lse, target_logit, logit_sum, tile_max, _ = dispatch.call(
+        block_lse, target_logit, logit_sum, _, tile_max, _ = dispatch.call(
             torch.ops.cce.linear_cross_entropy_fwd, input, classifier, bias, local_target,
             class_weight, softcap, with_logit_sum, filter_eps, filter_classifier,
         )
@@ -219,12 +219,10 @@ class _ShardedRowStatistics(torch.autograd.Function):
         lse = row_max + sum_exp.log()
         # tile_max bounds this block's logits, so it stays valid against the global lse; the
         # global lse comes without parts (its softmax keeps lse's fp32 rounding).
-        ctx.save_for_backward(input, classifier, bias, local_target, class_weight, lse, tile_max,
-                              None)
-        ctx.softcap = softcap
-        ctx.with_logit_sum = with_logit_sum
-        ctx.filter_eps = filter_eps
-        ctx.filter_classifier = filter_classifier
+        ctx.save_for_backward(input, classifier, bias, local_target, class_weight, lse, None,
+                              tile_max, None)
+        ctx.options = ops.StatisticsOptions(softcap, 1.0, with_logit_sum, False, filter_eps,
+                                            filter_classifier)
         ctx.group = group
         ctx.mark_non_differentiable(class_weight_sums)
         return lse, target_logit, logit_sum, class_weight_sums
@@ -233,9 +231,8 @@ class _ShardedRowStatistics(torch.autograd.Function):
     def backward(ctx, grad_lse, grad_target_logit, grad_logit_sum, _):
         grad_input, grad_classifier, grad_bias = ops.statistics_gradients(
             functools.partial(dispatch.call, torch.ops.cce.linear_cross_entropy_bwd),
-            ctx.saved_tensors, grad_lse, grad_target_logit,
-            grad_logit_sum if ctx.with_logit_sum else None, ctx.softcap, ctx.filter_eps,
-            ctx.filter_classifier, ctx.needs_input_grad,
+            ctx.saved_tensors, grad_lse, grad_target_logit, grad_logit_sum, None, ctx.options,
+            ctx.needs_input_grad,
         )
         if grad_input is not None:
             # input is replicated and every block contributes to its gradient.

@@ -173,11 +173,15 @@ def lower_backward(
     tile_max: Optional[Any] = None,
     lse_parts: Optional[Any] = None,
     filter_classifier: bool = True,
+    logit_scale: float = 1.0,
+    entropy: Optional[Any] = None,
+    grad_entropy: Optional[Any] = None,
 ) -> tuple[Any, Any, Any]:
     op = torch.ops.cce.linear_cross_entropy_bwd.default
     args = (input, classifier, bias, target, class_weight, lse, grad_lse, grad_target_logit,
             grad_logit_sum, softcap, filter_eps, input_needs_grad, classifier_needs_grad,
-            bias_needs_grad, tile_max, lse_parts, filter_classifier)
+            bias_needs_grad, tile_max, lse_parts, filter_classifier, logit_scale, entropy,
+            grad_entropy)
     device, dtype = input.get_device(), input.get_dtype()
     reason = common.template_unavailable_reason(device, dtype)
     if reason is not None:
@@ -223,17 +227,22 @@ def lower_backward(
     def optional(node: Optional[Any], dtype: torch.dtype) -> Any:
         return common.realize(node) if node is not None else common.placeholder(device, dtype)
 
+    with_entropy = grad_entropy is not None
+
     dz_inputs = [
         input, classifier, optional(bias, dtype), target, optional(class_weight, torch.float32),
         lse, common.realize(lse_parts) if lse_parts is not None else common.placeholder_2d(device),
         common.realize(tile_max) if early_skip else common.placeholder(device, torch.float32),
         grad_lse, grad_target_logit, optional(grad_logit_sum, torch.float32),
+        # The entropy's gradient term needs the forward's entropy (both given or neither).
+        optional(entropy if with_entropy else None, torch.float32),
+        optional(grad_entropy, torch.float32),
     ]
     dz_constexprs = dict(
         HAS_BIAS=bias is not None, HAS_CLASS_WEIGHT=class_weight is not None,
-        HAS_GRAD_LOGIT_SUM=grad_logit_sum is not None, HAS_SOFTCAP=softcap is not None,
-        SOFTCAP=float(softcap) if softcap is not None else 0.0,
-        HAS_LSE_PARTS=lse_parts is not None, FILTERING=filtering,
+        HAS_GRAD_LOGIT_SUM=grad_logit_sum is not None, HAS_GRAD_ENTROPY=with_entropy,
+        HAS_SOFTCAP=softcap is not None, SOFTCAP=float(softcap) if softcap is not None else 0.0,
+        SCALE=float(logit_scale), HAS_LSE_PARTS=lse_parts is not None, FILTERING=filtering,
         FILTER_EPS=float(filter_eps) if filtering else 0.0,
         EARLY_SKIP=early_skip, EARLY_LOG_MARGIN=EARLY_LOG_MARGIN, WRITE_ALL=write_all,
         TILE_MAX_ROWS=ops.TILE_MAX_ROWS, **tile.kwargs(), **common.dot_options(device, dtype),
@@ -295,7 +304,8 @@ KEPT_FRACTION = 0.36
 def dz_input_gen_fns(vocab: int) -> dict[int, Callable[[Any], torch.Tensor]]:
     """For cce_backward_dz: logits of order one with lse = 0 (its parts too), so every
     recomputed tile is kept;
-    tile_max lets about KEPT_FRACTION of the tiles through early skipping; chunk index 0."""
+    tile_max lets about KEPT_FRACTION of the tiles through early skipping; an entropy of order
+    one and the row gradients' size for its gradient; chunk index 0."""
     fns = dict(forward.input_gen_fns(vocab))
 
     def zeros(node: Any) -> torch.Tensor:
@@ -311,8 +321,11 @@ def dz_input_gen_fns(vocab: int) -> dict[int, Callable[[Any], torch.Tensor]]:
         (rows,) = compat.size_hints(node)
         return torch.full((rows,), 1.0 / max(rows, 1), device=node.get_device())
 
+    def entropy(node: Any) -> torch.Tensor:
+        return torch.ones(compat.size_hints(node), device=node.get_device())
+
     fns.update({5: zeros, 6: zeros, 7: tile_max, 8: row_grad, 9: lambda node: -row_grad(node),
-                11: zeros})
+                11: entropy, 12: row_grad, 13: zeros})
     return fns
 
 

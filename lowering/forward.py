@@ -1,10 +1,11 @@
 """The forward kernel family: cce::linear_cross_entropy_fwd lowered to two Triton templates.
 
 `cce_forward` computes partial row statistics over (row block, vocabulary range) programs into
-a small fp32 buffer PARTIALS [3 or 4, slots, N] (slots: the most vocabulary ranges any
+a small fp32 buffer PARTIALS [3 to 5, slots, N] (row maximum, sum of exponentials and target
+logit, then logit sum and entropy spread when asked for; slots: the most vocabulary ranges any
 candidate config launches for this shape, see `vocab_splits`: O(N + SMs x BLOCK_N), never
-O(N x V)), and `cce_forward_combine` merges the ranges into lse, target_logit, logit_sum and
-lse_parts. Splitting the vocabulary fills whole waves of the GPU's CTA slots: a forward
+O(N x V)), and `cce_forward_combine` merges the ranges into lse, target_logit, logit_sum,
+entropy and lse_parts. Splitting the vocabulary fills whole waves of the GPU's CTA slots: a forward
 config's `waves` bounds the programs by waves x SMs x its CTAs per SM. When the backward will
 filter, `cce_forward` also records tile_max (the maximum logit of every 16 rows x 128 classes:
 1/2048 of the logits' count, fp32) for the backward's skipping before recomputation. Every
@@ -92,13 +93,16 @@ def lower_forward(
     with_logit_sum: bool,
     filter_eps: Optional[float],
     filter_classifier: bool = True,
-) -> tuple[Any, Any, Any, Any, Any]:
+    logit_scale: float = 1.0,
+    with_entropy: bool = False,
+) -> tuple[Any, Any, Any, Any, Any, Any]:
     op = torch.ops.cce.linear_cross_entropy_fwd.default
     device, dtype = input.get_device(), input.get_dtype()
     reason = common.template_unavailable_reason(device, dtype)
     if reason is not None:
         return common.fallback(op, reason, input, classifier, bias, target, class_weight,
-                               softcap, with_logit_sum, filter_eps, filter_classifier)
+                               softcap, with_logit_sum, filter_eps, filter_classifier,
+                               logit_scale, with_entropy)
 
     input, classifier, target = (common.realize(x) for x in (input, classifier, target))
     n, d = input.get_size()
@@ -116,7 +120,8 @@ def lower_forward(
                      cdiv=cdiv, min=min_, max=max_)
         for cfg in cfgs
     ))
-    partials = common.empty([4 if with_logit_sum else 3, slots, n], torch.float32, device)
+    partial_rows, statistics = optional_statistics(bool(with_logit_sum), bool(with_entropy))
+    partials = common.empty([partial_rows, slots, n], torch.float32, device)
     with_tile_max = ops.filters(filter_eps, with_logit_sum)
     tile_max = (common.empty([cdiv(n, ops.TILE_MAX_ROWS) * cdiv(v, ops.TILE_MAX_COLS)],
                              torch.float32, device) if with_tile_max
@@ -129,22 +134,36 @@ def lower_forward(
         common.marker_layout(device), mutated=[partials] + ([tile_max] if with_tile_max else []),
         call_sizes=[n, v, d], input_gen_fns=input_gen_fns(compat.size_hints_of([v])[0]),
         HAS_BIAS=bias is not None, HAS_CLASS_WEIGHT=class_weight is not None,
-        WITH_LOGIT_SUM=bool(with_logit_sum), HAS_SOFTCAP=softcap is not None,
-        SOFTCAP=float(softcap) if softcap is not None else 0.0, SM_COUNT=sm_count,
+        HAS_SOFTCAP=softcap is not None, SOFTCAP=float(softcap) if softcap is not None else 0.0,
+        SCALE=float(logit_scale), SM_COUNT=sm_count, **statistics,
         WITH_TILE_MAX=with_tile_max, TILE_MAX_ROWS=ops.TILE_MAX_ROWS, **tile.kwargs(),
         **common.dot_options(device, dtype),
     )
     target_logit = common.empty([n], torch.float32, device)
     logit_sum = common.empty([n] if with_logit_sum else [0], torch.float32, device)
+    entropy = common.empty([n] if with_entropy else [0], torch.float32, device)
     lse_parts = common.empty([n, 2], torch.float32, device)
     lse = common.choose(
         FORWARD_COMBINE, FORWARD_COMBINE.configs_for(dtype, arch, autotune),
-        [common.realize(partials), target_logit, logit_sum, lse_parts],
+        [common.realize(partials), target_logit, logit_sum, entropy, lse_parts],
         compat.fixed_layout(device, torch.float32, [n]),
-        mutated=[target_logit, logit_sum, lse_parts],
-        call_sizes=[n], input_gen_fns={}, WITH_LOGIT_SUM=bool(with_logit_sum),
+        mutated=[target_logit, logit_sum] + ([entropy] if with_entropy else []) + [lse_parts],
+        call_sizes=[n], input_gen_fns={}, **statistics,
     )
-    return lse, target_logit, logit_sum, tile_max, lse_parts
+    return lse, target_logit, logit_sum, entropy, tile_max, lse_parts
+
+
+def optional_statistics(with_logit_sum: bool, with_entropy: bool) -> tuple[int, dict[str, Any]]:
+    """The rows of PARTIALS (row maximum, sum of exponentials, target logit, then the optional
+    statistics asked for) and the templates' constexprs for those: WITH_<NAME>, and
+    <NAME>_ROW, its row in PARTIALS."""
+    flags = {"LOGIT_SUM": with_logit_sum, "ENTROPY": with_entropy}
+    present = [name for name, on in flags.items() if on]
+    constexprs: dict[str, Any] = {}
+    for name, on in flags.items():
+        constexprs[f"WITH_{name}"] = on
+        constexprs[f"{name}_ROW"] = 3 + present.index(name) if on else 0
+    return 3 + len(present), constexprs
 
 
 def input_gen_fns(vocab: int) -> dict[int, Callable[[Any], torch.Tensor]]:

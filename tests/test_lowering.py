@@ -263,7 +263,7 @@ def test_cpu_without_harness_falls_back_to_eager_ops(caplog):
         return torch.ops.cce.linear_cross_entropy_fwd(e, c, None, t, None, None, False, None)
 
     with caplog.at_level(logging.INFO, logger="cce_inductor"), torch.no_grad():
-        (lse, target_logit, _, _, _), codes = compat.run_and_get_code(
+        (lse, target_logit, _, _, _, _), codes = compat.run_and_get_code(
             torch.compile(row_statistics, backend="inductor"), e, c, t
         )
     calls = kernel_calls(codes)

@@ -31,20 +31,21 @@ def _tensors(*, bias: bool, class_weight: bool, dtype=torch.float32, seed: int =
 
 
 OPTION_SETS = [
-    # (bias, class_weight, softcap, with_logit_sum)
-    (False, False, None, False),
-    (True, False, None, False),
-    (False, True, None, True),
-    (True, True, 5.0, True),
-    (True, False, 3.0, False),
+    # (bias, class_weight, softcap, with_logit_sum, logit_scale, with_entropy)
+    (False, False, None, False, 1.0, False),
+    (True, False, None, False, 1.0, False),
+    (False, True, None, True, 1.0, False),
+    (True, True, 5.0, True, 0.7, True),
+    (True, False, 3.0, False, 1.0, False),
+    (False, False, None, False, 2.5, True),
 ]
-OPTION_IDS = ["plain", "bias", "class_weight+logit_sum", "all", "bias+softcap"]
+OPTION_IDS = ["plain", "bias", "class_weight+logit_sum", "all", "bias+softcap", "scale+entropy"]
 
 
 @pytest.mark.parametrize("requires_grad", [False, True], ids=["", "requires_grad"])
 @pytest.mark.parametrize("options", OPTION_SETS, ids=OPTION_IDS)
 def test_opcheck_forward(options, requires_grad):
-    bias, class_weight, softcap, with_logit_sum = options
+    bias, class_weight, softcap, with_logit_sum, logit_scale, with_entropy = options
     t = _tensors(bias=bias, class_weight=class_weight)
     for name in ("input", "weight", "bias"):
         if t[name] is not None:
@@ -52,7 +53,7 @@ def test_opcheck_forward(options, requires_grad):
     torch.library.opcheck(
         torch.ops.cce.linear_cross_entropy_fwd.default,
         (t["input"], t["weight"], t["bias"], t["target"], t["class_weight"], softcap,
-         with_logit_sum, 2.0**-12),
+         with_logit_sum, 2.0**-12, True, logit_scale, with_entropy),
     )
 
 
@@ -65,7 +66,7 @@ BACKWARD_CASES = [
     for needs_grad in itertools.product([False, True], repeat=3)
 ] + [(options, (True, True, True), 1e-3) for options in OPTION_SETS[:3] + OPTION_SETS[4:]]
 BACKWARD_IDS = [
-    f"{'all' if i < 8 else OPTION_IDS[[0, 1, 2, 4][i - 8]]}-"
+    f"{'all' if i < 8 else OPTION_IDS[[0, 1, 2, 4, 5][i - 8]]}-"
     f"{''.join('x' if flag else '-' for flag in needs_grad)}-eps{filter_eps}"
     for i, (_, needs_grad, filter_eps) in enumerate(BACKWARD_CASES)
 ]
@@ -73,19 +74,20 @@ BACKWARD_IDS = [
 
 @pytest.mark.parametrize("options,needs_grad,filter_eps", BACKWARD_CASES, ids=BACKWARD_IDS)
 def test_opcheck_backward(options, needs_grad, filter_eps):
-    bias, class_weight, softcap, with_logit_sum = options
+    bias, class_weight, softcap, with_logit_sum, logit_scale, with_entropy = options
     t = _tensors(bias=bias, class_weight=class_weight)
-    lse, _, _, tile_max, lse_parts = torch.ops.cce.linear_cross_entropy_fwd(
+    lse, _, _, entropy, tile_max, lse_parts = torch.ops.cce.linear_cross_entropy_fwd(
         t["input"], t["weight"], t["bias"], t["target"], t["class_weight"], softcap,
-        with_logit_sum, filter_eps,
+        with_logit_sum, filter_eps, True, logit_scale, with_entropy,
     )
     gen = torch.Generator().manual_seed(1)
-    grad_lse, grad_target_logit, grad_logit_sum = torch.randn(3, N, generator=gen)
+    grad_lse, grad_target_logit, grad_logit_sum, grad_entropy = torch.randn(4, N, generator=gen)
     torch.library.opcheck(
         torch.ops.cce.linear_cross_entropy_bwd.default,
         (t["input"], t["weight"], t["bias"], t["target"], t["class_weight"], lse, grad_lse,
          grad_target_logit, grad_logit_sum if with_logit_sum else None, softcap, filter_eps,
-         *needs_grad, tile_max, lse_parts, not needs_grad[2]),
+         *needs_grad, tile_max, lse_parts, not needs_grad[2], logit_scale,
+         entropy if with_entropy else None, grad_entropy if with_entropy else None),
     )
 
 
@@ -145,3 +147,4 @@ def test_gradcheck(reduction, options):
         )
 
     assert torch.autograd.gradcheck(fn, tuple(leaves), fast_mode=False)
+

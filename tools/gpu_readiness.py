@@ -221,7 +221,8 @@ def kernel_of(source: str) -> str:
     """Which kernel of KERNELS an Inductor-rendered CCE template source is."""
     if "arg_DZ" in source:
         return (backward.BACKWARD_DZ if "arg_TILE_MAX" in source else backward.BACKWARD_GRADS).name
-    return (forward.FORWARD if "arg_E" in source else forward.FORWARD_COMBINE).name
+    # \b: the combine's arg_ENTROPY is no arg_E.
+    return (forward.FORWARD if re.search(r"\barg_E\b", source) else forward.FORWARD_COMBINE).name
 
 
 def _renders(dtype: torch.dtype, arch: int, all_configs: bool) -> list[dict[str, configs.Config]]:
