@@ -64,7 +64,6 @@ def routes_to_templates(input: Tensor) -> bool:
 # the one pass learns it.
 ONE_PASS_OPTIONS = frozenset({
     "reduction", "ignore_index", "label_smoothing", "softcap", "filter_eps", "filter_grads",
-    "return_lse",
 })
 
 
@@ -76,7 +75,9 @@ def one_pass_unavailable_reason(
     None when it may.
 
     That is valid only while the loss's upstream gradient is a scalar: the loss is reduced
-    ('mean' or 'sum') and no lse is returned, so every row's gradient weight is known in the
+    ('mean' or 'sum') and is the only output (`outputs` at its default: no lse, log-probs or
+    entropy, whose upstream gradients are per row; nor a logit scale, which the one pass does
+    not apply), so every row's gradient weight is known in the
     forward and the backward only scales the gradients. It must also pay: some gradient is
     wanted (not under no_grad, not every input frozen). Class weights must not require grad
     (the backward op refuses that gradient with a clear error), no torch.func transform may be
@@ -89,8 +90,6 @@ def one_pass_unavailable_reason(
             return f"option {field.name}={getattr(options, field.name)!r}"
     if options.reduction == "none":
         return "reduction='none' (an upstream gradient per row)"
-    if options.return_lse:
-        return "return_lse (the lse's upstream gradient is per row)"
     if not torch.is_grad_enabled():
         return "gradients are disabled"
     if not any(t is not None and t.requires_grad for t in (input, classifier, bias)):

@@ -27,7 +27,7 @@ plain tensors; the loss replicated. Anything else is left alone with a reason
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
@@ -37,17 +37,17 @@ from cce_inductor import api, arguments, compat, patterns, vocab_parallel
 
 def fused_loss(site: patterns.Site) -> tuple[Callable[..., Tensor], dict[str, Any]]:
     """The function that replaces the site's loss and the keyword arguments it takes beyond
-    `api.linear_cross_entropy`'s: that function itself for a site on plain tensors,
+    `api.linear_head`'s: that function itself for a site on plain tensors,
     `tensor_parallel_loss` and the vocabulary layout for a tensor-parallel head.
     Raises NotASite for a DTensor layout it cannot handle."""
     values = {
         "input": site.input, "classifier": site.classifier, "bias": site.bias,
         "target": site.target,
-        "class weights": site.class_weight, "loss": site.loss,
+        "class weights": site.class_weight, "result": site.consumer,
     }
     values = {name: patterns.example_value(node) for name, node in values.items()}
     if not any(_is_dtensor(value) for value in values.values()):
-        return api.linear_cross_entropy, {}
+        return api.linear_head, {}
     return tensor_parallel_loss, _vocab_layout(values, site.classifier_is_transposed)
 
 
@@ -67,7 +67,7 @@ def _vocab_layout(values: dict[str, Any], classifier_is_transposed: bool) -> dic
     _require(values, "classifier", (Shard(vocab_dim),), mesh)
     _require(values, "input", (Replicate(),), mesh)
     _require(values, "bias", (Shard(0),), mesh)
-    _require(values, "loss", (Replicate(),), mesh)  # a DTensor, as the replacement returns
+    _require(values, "result", (Replicate(),), mesh)  # a DTensor, as the replacement returns
     for name in ("target", "class weights"):
         _require(values, name, (Replicate(),), mesh, plain=True)
     vocab = classifier.shape[vocab_dim]
@@ -115,20 +115,20 @@ def _local(tensor: Optional[Tensor]) -> Optional[Tensor]:
 def tensor_parallel_loss(
     input: Tensor,
     linear_weight: Tensor,
-    target: Tensor,
+    target: Optional[Tensor],
     *,
     group_name: str,
     start: int,
     vocab: int,
     linear_bias: Optional[Tensor] = None,
     weight: Optional[Tensor] = None,
-    **options: Union[str, int, float, None],
-) -> Tensor:
-    """The loss of a tensor-parallel head, as a Replicate() DTensor: input a replicated DTensor
-    `[..., D]`, linear_weight and linear_bias Shard(0) DTensors holding this rank's block
+    **options: Any,
+) -> tuple[Tensor, ...]:
+    """The outputs of a tensor-parallel head, each a Replicate() DTensor: input a replicated
+    DTensor `[..., D]`, linear_weight and linear_bias Shard(0) DTensors holding this rank's block
     `[start, start + V_local)` of the `vocab` classes, target and class weights replicated
     (DTensors or plain tensors). The layout comes from `fused_loss`; `options` are those of
-    `arguments.LossOptions` (the rewrite passes them as to `api.linear_cross_entropy`)."""
+    `arguments.LossOptions` (the rewrite passes them as to `api.linear_head`)."""
     from torch.distributed.tensor import DTensor, Replicate
 
     local_weight = linear_weight.to_local()
@@ -140,9 +140,10 @@ def tensor_parallel_loss(
     arguments.check_arguments(
         local_input, local_weight, local_target, local_bias, class_weight, loss_options
     )
-    loss = vocab_parallel.sharded_loss(
+    results = vocab_parallel.sharded_loss(
         local_input, local_weight, local_target, local_bias, class_weight, loss_options,
         group=group_name, start=start, vocab=vocab,
     )
     mesh = compat.real_device_mesh(linear_weight.device_mesh)
-    return DTensor.from_local(loss, mesh, (Replicate(),), run_check=False)
+    return tuple(DTensor.from_local(result, mesh, (Replicate(),), run_check=False)
+                 for result in results)

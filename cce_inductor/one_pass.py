@@ -78,8 +78,7 @@ class _ScalarLossWithGradients(torch.autograd.Function):
             lse, target_logit, logit_sum, target, class_weight, ignore_index, label_smoothing,
             vocab,
         )
-        return losses.reduce_loss(loss, denominator, lse, torch.Size(),
-                                  LossOptions(reduction=reduction))
+        return losses.reduce_loss(loss, denominator, torch.Size(), reduction)
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
