@@ -125,10 +125,12 @@ def test_opcheck_forward_and_backward(options, needs_grad, filter_eps):
         {"label_smoothing": 0.2},
         {"class_weight": True},
         {"return_lse": True},
+        {"logit_scale": 0.6},
         {"bias": True, "softcap": 2.0, "label_smoothing": 0.2, "class_weight": True,
-         "return_lse": True},
+         "return_lse": True, "logit_scale": 1.7},
     ],
-    ids=["plain", "bias", "softcap", "smoothing", "class_weight", "return_lse", "all"],
+    ids=["plain", "bias", "softcap", "smoothing", "class_weight", "return_lse", "logit_scale",
+         "all"],
 )
 def test_gradcheck(reduction, options):
     options = dict(options)
@@ -148,3 +150,25 @@ def test_gradcheck(reduction, options):
 
     assert torch.autograd.gradcheck(fn, tuple(leaves), fast_mode=False)
 
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"temperature": 0.7}, {"softcap": 2.0, "temperature": 1.3, "bias": True}],
+    ids=["plain", "temperature", "softcap+temperature+bias"],
+)
+def test_gradcheck_log_probs_and_entropy(options):
+    """Both outputs of linear_log_probs: gradcheck checks the Jacobians of log_probs (0 and no
+    gradient at the ignored row) and of the entropy (every row)."""
+    options = dict(options)
+    t = _tensors(bias=options.pop("bias", False), class_weight=False, dtype=torch.float64)
+    leaves = [t["input"], t["weight"]] + ([t["bias"]] if t["bias"] is not None else [])
+    for leaf in leaves:
+        leaf.requires_grad_()
+
+    def fn(input, linear_weight, linear_bias=None):
+        return cce_inductor.linear_log_probs(
+            input, linear_weight, t["target"], linear_bias=linear_bias, return_entropy=True,
+            **options,
+        )
+
+    assert torch.autograd.gradcheck(fn, tuple(leaves), fast_mode=False)
