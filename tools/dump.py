@@ -199,7 +199,7 @@ def write_dump(
         for decision in graph.decisions:
             verdict = "rewritten" if decision.rewritten else f"left unchanged: {decision.reason}"
             decisions_text.append(
-                f"dynamo graph {index}, loss node {decision.loss}: {verdict}"
+                f"dynamo graph {index}, consumer node {decision.node}: {verdict}"
                 + (f" ({decision.detail})" if decision.detail else "")
             )
         rewritten = sum(decision.rewritten for decision in graph.decisions)
