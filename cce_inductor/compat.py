@@ -440,6 +440,63 @@ def dynamo_counters():
     return counters
 
 
+def dynamo_ignoring_calls(functions: frozenset):
+    """A context in which Dynamo traces calls of `functions` (logging.Logger methods, or bound
+    methods of logger objects) as no-ops, besides those the user's config already ignores:
+    torch._dynamo.config.ignore_logging_functions (torch 2.11 to 2.13; 2.11 also names it
+    ignore_logger_methods). Dynamo tests membership (`method in ignore_logging_functions`)."""
+    import torch._dynamo.config as dynamo_config
+
+    return dynamo_config.patch(ignore_logging_functions=set(
+        dynamo_config.ignore_logging_functions) | {_Orderable(fn) for fn in functions})
+
+
+class _Orderable(str):
+    """A function that equals (and hashes as) `fn`, and is otherwise its repr: torch 2.11 sorts
+    the config's sets and writes them as JSON when it records compile metrics
+    (torch._dynamo.utils, whose blocklist names only the alias ignore_logger_methods), which
+    fails on methods and logs an error per compiled frame."""
+
+    fn: Callable[..., Any]
+
+    def __new__(cls, fn: Callable[..., Any]) -> "_Orderable":
+        orderable = super().__new__(cls, repr(fn))
+        orderable.fn = fn
+        return orderable
+
+    def __eq__(self, other: object) -> bool:
+        return self.fn == (other.fn if isinstance(other, _Orderable) else other)
+
+    def __hash__(self) -> int:
+        return hash(self.fn)
+
+
+def forward_backend_context(backend_type: type) -> None:
+    """Make torch.compile honour the `backend_ctx_ctor` attribute of backends of `backend_type`.
+
+    Dynamo enters a backend's `backend_ctx_ctor()` around every call of a function compiled
+    with it (torch._dynamo.eval_frame reads the attribute from the backend it is handed), but
+    torch.compile hands it every backend other than Inductor wrapped in
+    torch._TorchCompileWrapper, which does not pass the attribute on (2.11 to 2.13): without
+    this, the context is only entered under torch._dynamo.optimize. The wrapper then copies the
+    attribute from the backend it wraps, for this type only (other backends are not touched).
+    Idempotent."""
+    wrapper = torch._TorchCompileWrapper
+    forwarded = getattr(wrapper, "_cce_forwarded_context_types", None)
+    if forwarded is None:
+        original_init = wrapper.__init__
+        forwarded = wrapper._cce_forwarded_context_types = set()
+
+        def init(self, backend, *args, **kwargs):
+            original_init(self, backend, *args, **kwargs)
+            compiler = getattr(self, "compiler_fn", None)
+            if isinstance(compiler, tuple(forwarded)) and hasattr(compiler, "backend_ctx_ctor"):
+                self.backend_ctx_ctor = compiler.backend_ctx_ctor
+
+        wrapper.__init__ = init
+    forwarded.add(backend_type)
+
+
 def inductor_compiler(mode, options):
     """Inductor as torch.compile(backend="inductor", mode=mode, options=options) builds it:
     validates the options and turns both into config patches for compile_fx. torch.compile hands a
