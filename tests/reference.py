@@ -77,6 +77,41 @@ def softcapped_logits(
     return logits
 
 
+def torch_log_probs_and_entropy(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    *,
+    linear_bias: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    softcap: Optional[float] = None,
+    ignore_index: int = -100,
+) -> tuple[Tensor, Tensor]:
+    """Materialized log-probabilities of `target` (0 where ignored) and entropies of
+    softmax(softcap(linear) / temperature), in the inputs' dtype, written as RL trainers do."""
+    logits = softcapped_logits(input, linear_weight, linear_bias, softcap) / temperature
+    log_p = logits.log_softmax(-1)
+    valid = target != ignore_index
+    picked = log_p.gather(-1, torch.where(valid, target, 0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(valid, picked, 0.0), -(log_p.exp() * log_p).sum(-1)
+
+
+ENTROPY_COEF = 0.3
+
+
+def rl_objective(head: Callable[..., tuple[Tensor, Tensor]]) -> Callable[..., Tensor]:
+    """`(log_probs * adv).sum() + ENTROPY_COEF * entropy.sum()` of a head returning (log_probs,
+    entropy), as a loss in the calling convention of `loss_and_grads` (`weight` unused), with
+    advantages exactly representable in every dtype."""
+    def objective(input, linear_weight, target, *, linear_bias=None, weight=None, **options):
+        log_probs, entropy = head(input, linear_weight, target, linear_bias=linear_bias,
+                                  **options)
+        advantages = upstream_grad(log_probs.shape, seed=7).to(log_probs.dtype)
+        return (log_probs * advantages).sum() + ENTROPY_COEF * entropy.sum()
+
+    return objective
+
+
 def make_inputs(
     n: int,
     v: int,
@@ -229,3 +264,37 @@ def peaked_inputs(dtype: torch.dtype, n: int = 64, v: int = 8192, d: int = 256, 
     target[::7] = -100
     return {"input": input.to(dtype), "linear_weight": weight.to(dtype), "linear_bias": None,
             "weight": None, "target": target}
+
+
+def log_probs_values_and_grads(
+    head: Callable[..., tuple[Tensor, Tensor]], inputs: dict[str, Optional[Tensor]],
+    dtype: torch.dtype, **options,
+) -> dict[str, Tensor]:
+    """log_probs, entropy and the gradients of `rl_objective(head)`, in `dtype`."""
+    values = {}
+
+    def recording(*args, **kwargs):
+        log_probs, entropy = head(*args, **kwargs)
+        values.update(log_probs=log_probs.detach(), entropy=entropy.detach())
+        return log_probs, entropy
+
+    result = loss_and_grads(rl_objective(recording), inputs, dtype, **options)
+    del result["loss"]
+    return {**values, **result}
+
+
+def check_log_probs_against_reference(
+    head: Callable[..., tuple[Tensor, Tensor]], inputs: dict[str, Optional[Tensor]],
+    dtype: torch.dtype, **options,
+) -> None:
+    """Values and RL-objective gradients of `head` (called like torch_log_probs_and_entropy)
+    against float64 under the tolerance rule, the materialized head in `dtype` as baseline."""
+    exact = log_probs_values_and_grads(torch_log_probs_and_entropy, inputs, torch.float64,
+                                       **options)
+    assert_close_to_reference(
+        log_probs_values_and_grads(head, inputs, dtype, **options),
+        log_probs_values_and_grads(torch_log_probs_and_entropy, inputs, dtype, **options),
+        lambda: log_probs_values_and_grads(torch_log_probs_and_entropy, inputs, torch.float32,
+                                           **options),
+        exact, dtype,
+    )

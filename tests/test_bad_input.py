@@ -72,6 +72,25 @@ CASES = {
     "filter_eps_negative": (dict(filter_eps=-1e-3), ValueError, "filter_eps"),
     "filter_eps_nan": (dict(filter_eps=float("nan")), ValueError, "filter_eps"),
     "filter_grads_unknown": (dict(filter_grads="weight"), ValueError, "filter_grads"),
+    "logit_scale_nan": (dict(logit_scale=float("nan")), ValueError, "logit_scale"),
+    "logit_scale_inf": (dict(logit_scale=float("inf")), ValueError, "logit_scale"),
+    "logit_scale_string": (dict(logit_scale="2"), TypeError, "logit_scale"),
+}
+
+
+def _call_log_probs(**overrides):
+    return cce_inductor.linear_log_probs(*_args().values(), **overrides)
+
+
+LOG_PROBS_CASES = {
+    "temperature_zero": (dict(temperature=0.0), ValueError, "temperature"),
+    "temperature_negative": (dict(temperature=-0.5), ValueError, "temperature"),
+    "temperature_inf": (dict(temperature=float("inf")), ValueError, "temperature"),
+    "temperature_nan": (dict(temperature=float("nan")), ValueError, "temperature"),
+    "temperature_bool": (dict(temperature=True), TypeError, "temperature"),
+    "temperature_tensor": (dict(temperature=torch.tensor(0.7)), TypeError, "temperature"),
+    "softcap_negative": (dict(softcap=-1.0), ValueError, "softcap"),
+    "target_out_of_range": (dict(ignore_index=-1), IndexError, "target"),
 }
 
 
@@ -82,6 +101,20 @@ def test_bad_input_names_argument(overrides, error, name):
     message = str(info.value)
     # As a whole word: "weight" must not be satisfied by "linear_weight".
     assert re.search(rf"(?<!\w){name}(?!\w)", message), message
+
+
+@pytest.mark.parametrize("overrides,error,name", LOG_PROBS_CASES.values(),
+                         ids=LOG_PROBS_CASES.keys())
+def test_bad_log_probs_input_names_argument(overrides, error, name):
+    overrides = dict(overrides)
+    if name == "target":  # -100 is not a class, and with ignore_index=-1 not ignored either
+        args = _args(target=torch.full((N,), -100))
+        call = lambda: cce_inductor.linear_log_probs(*args.values(), **overrides)  # noqa: E731
+    else:
+        call = lambda: _call_log_probs(**overrides)  # noqa: E731
+    with pytest.raises(error) as info:
+        call()
+    assert re.search(rf"(?<!\w){name}(?!\w)", str(info.value)), str(info.value)
 
 
 def test_scalar_input():

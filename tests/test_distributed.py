@@ -40,6 +40,11 @@ CASES = [
     Case("fp32_all_options", dtype=torch.float32, bias=True, softcap=3.0,
          label_smoothing=0.1, class_weight=True),
     Case("bf16_filtered", dtype=torch.bfloat16, filter_eps="auto"),
+    # (log_probs * adv).sum() + c * entropy.sum(): the entropy's one more all-reduced row sum.
+    Case("log_probs_entropy", log_probs=True, bias=True, softcap=3.0, temperature=0.7),
+    Case("log_probs_swapped_blocks", layout="swapped", log_probs=True, temperature=1.5),
+    Case("log_probs_bf16_filtered", dtype=torch.bfloat16, log_probs=True, filter_eps="auto",
+         temperature=0.8),
 ]
 
 
@@ -110,6 +115,7 @@ def _run_traffic(rank: int, group) -> dict[str, list[tuple]]:
             Case("smoothing_class_weight", dtype=torch.float32, class_weight=True,
                  label_smoothing=0.1),
             Case("frozen_input", dtype=torch.float32, frozen_input=True),
+            Case("log_probs_entropy", dtype=torch.float32, log_probs=True),
         ):
             calls.clear()
             start, size = LAYOUTS[case.layout][1][rank]
@@ -179,7 +185,7 @@ def test_filter_judges_the_global_softmax(rank_results):
 
 def test_collective_traffic_matches_the_documented_table(rank_results):
     """The module doc's table: layout all_gather (5 int64), lse max (N), row statistics sum
-    ((2 + ls + cw) N + cw), and in backward the dE sum (N D in the input dtype) if needed."""
+    ((2 + ls + cw + h) N + cw), and in backward the dE sum (N D in the input dtype) if needed."""
     fp32, bf16 = str(torch.float32), str(torch.bfloat16)
     forward = lambda k, extra: [  # noqa: E731
         ("all_gather", 5, "torch.int64"),
@@ -190,6 +196,8 @@ def test_collective_traffic_matches_the_documented_table(rank_results):
         "plain": forward(2, 0) + [("all_reduce", "sum", N * D, bf16)],
         "smoothing_class_weight": forward(4, 1) + [("all_reduce", "sum", N * D, fp32)],
         "frozen_input": forward(2, 0),
+        # exp(lse_r - max), target logit and the entropy part: 3 N.
+        "log_probs_entropy": forward(3, 0) + [("all_reduce", "sum", N * D, fp32)],
     }
     for results in rank_results:
         assert results["traffic"] == expected

@@ -252,6 +252,67 @@ def test_filtering_skips_negligible_tiles(filter_eps):
         assert stats.fraction >= 0.5, (stats.skipped, stats.total)
 
 
+# --- The RL head: log-probs and entropy, temperature, softcap ---------------------------------
+
+
+def compiled_log_probs(dynamic: bool = False):
+    def head(input, linear_weight, target, *, linear_bias=None, **options):
+        return cce_inductor.linear_log_probs(input, linear_weight, target,
+                                             linear_bias=linear_bias, return_entropy=True,
+                                             **options)
+
+    return torch.compile(head, backend="inductor", dynamic=dynamic)
+
+
+RL_CASES = {
+    "fp32-bias-temperature-ignore": (torch.float32, dict(bias=True, ignored="some"),
+                                     dict(temperature=0.7)),
+    "bf16-softcap-temperature": (torch.bfloat16, dict(), dict(softcap=5.0, temperature=1.3)),
+}
+
+
+@pytest.mark.parametrize("case", list(RL_CASES))
+def test_log_probs_and_entropy_templates(case):
+    """Values and the RL objective's gradients through the templates (forward with the entropy
+    sum, backward with its dz term; bf16 filters with the entropy bound), no [N, V] buffer."""
+    dtype, input_options, options = RL_CASES[case]
+    inputs = reference.make_inputs(N, V, D, dtype, **input_options)
+    with interpreter.interpreted():
+        _, codes = compat.run_and_get_code(
+            reference.check_log_probs_against_reference, compiled_log_probs(), inputs, dtype,
+            **options,
+        )
+    assert_fused(codes)
+    assert "WITH_ENTROPY : tl.constexpr = True" in "".join(codes)
+    assert "HAS_GRAD_ENTROPY : tl.constexpr = True" in "".join(codes)
+
+
+def test_split_vocabulary_entropy():
+    """Vocabulary ranges' entropies merge in the combine (2 x 4 ranges, one empty), with a
+    logit scale and a softcap in the kernel."""
+    with configs.forced(forward=SPLIT_TILES):
+        inputs = reference.make_inputs(N, V, D, torch.float32, bias=True)
+        with interpreter.interpreted():
+            _, codes = compat.run_and_get_code(
+                reference.check_log_probs_against_reference, compiled_log_probs(), inputs,
+                torch.float32, softcap=3.0, temperature=0.6,
+            )
+    assert forward_launches(codes) == [(2, 4)]
+    assert_fused(codes)
+
+
+def test_filtering_with_entropy_gradients_skips_tiles():
+    """Peaked rows, every target in the first tile: the entropy-aware bound still skips most
+    tiles, and the gradients stay within the tolerance rule. (At temperature 0.9 these rows'
+    largest off-target p, about 1e-4, is below eps but its entropy gradient p |log p + H| is
+    not: the bound keeps those tiles, as it should.)"""
+    inputs, v = peaked_inputs(torch.bfloat16)
+    with interpreter.interpreted(), filter_stats.counting(), filter_stats.collect() as stats:
+        reference.check_log_probs_against_reference(compiled_log_probs(), inputs,
+                                                    torch.bfloat16, temperature=0.5)
+    assert stats.total > 0 and stats.fraction >= 0.5, (stats.skipped, stats.total)
+
+
 def test_cpu_without_harness_falls_back_to_eager_ops(caplog):
     """Plain CPU: the lowering calls the ops' blocked eager implementation, and the log says
     why. The graph holds the forward op alone: a C++ compile of anything around it would take

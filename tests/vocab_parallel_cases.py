@@ -42,8 +42,13 @@ class Case:
     leading: tuple[int, ...] = (N,)  # input is [*leading, D]
     z_loss: bool = False  # add Z_LOSS * lse**2 through return_lse
     frozen_input: bool = False  # input takes no gradient (no dE all-reduce)
+    log_probs: bool = False  # the RL objective of linear_log_probs instead of the loss
+    temperature: float = 1.0  # (log_probs)
 
     def options(self) -> dict[str, Any]:
+        if self.log_probs:
+            return dict(ignore_index=self.ignore_index, softcap=self.softcap,
+                        temperature=self.temperature)
         return dict(
             reduction=self.reduction, ignore_index=self.ignore_index,
             label_smoothing=self.label_smoothing, softcap=self.softcap,
@@ -67,6 +72,8 @@ def make_inputs(case: Case) -> dict[str, Optional[torch.Tensor]]:
 
 def reference_loss(case: Case):
     """The float64 reference of what `vocab_parallel_loss` computes."""
+    if case.log_probs:
+        return reference.rl_objective(reference.torch_log_probs_and_entropy)
 
     def loss(input, linear_weight, target, *, linear_bias=None, weight=None, **options):
         value = reference.torch_linear_cross_entropy(
@@ -85,9 +92,20 @@ def reference_loss(case: Case):
 def vocab_parallel_loss(case: Case, group, start: int, size: int):
     """The case's loss on this rank's block [start, start + size) of the classes."""
     explicit_start = LAYOUTS[case.layout][2]
+    block = slice(start, start + size)
+
+    def log_probs(input, linear_weight, target, *, linear_bias=None, **options):
+        return cce_inductor.linear_log_probs(
+            input, linear_weight[block], target,
+            linear_bias=linear_bias[block] if linear_bias is not None else None,
+            return_entropy=True, filter_eps=case.filter_eps, vocab_parallel_group=group,
+            vocab_start_index=start if explicit_start else None, **options,
+        )
+
+    if case.log_probs:
+        return reference.rl_objective(log_probs)
 
     def loss(input, linear_weight, target, *, linear_bias=None, weight=None, **options):
-        block = slice(start, start + size)
         result = cce_inductor.linear_cross_entropy(
             input.detach() if case.frozen_input else input,
             linear_weight[block], target,
