@@ -175,6 +175,28 @@ def test_round_ratios_divide_within_rounds():
     assert "round_ratio" not in results[2]
 
 
+def test_bench_logprobs_smoke(tmp_path, capsys):
+    """--task logprobs: the RL objective's implementations (those that run on a CPU), each
+    within a few roundings of float64."""
+    json_path = tmp_path / "bench.json"
+    arguments = ["--task", "logprobs", "--n", "64", "--v", "256", "--d", "32",
+                 "--warmup", "0", "--repetitions", "1", "--same-process", "--json", str(json_path)]
+    assert bench.main(arguments) == 0
+    report = json.loads(json_path.read_text())
+    device = torch.device("cpu")
+    expected = {impl.name for impl in bench.TASKS["logprobs"].implementations
+                if impl.unavailable(device) is None}
+    assert {"torch eager", "cce-inductor linear_log_probs", 'cce-inductor backend="cce"'} \
+        <= expected
+    assert report["task"] == "logprobs"
+    assert {entry["implementation"] for entry in report["results"]} == expected
+    for entry in report["results"]:
+        assert entry["loss_error"] < 1e-4, entry
+        if entry["mode"] == "loss+grad":
+            assert entry["grad_input_error"] < 1e-4 and entry["grad_weight_error"] < 1e-4, entry
+    assert "log-probs + entropy" in capsys.readouterr().out
+
+
 def test_bench_refuses_large_presets_on_cpu():
     with pytest.raises(SystemExit):
         bench.main(["--preset", "llama3-8b", "--device", "cpu"])

@@ -5,6 +5,15 @@
     cce-bench --preset gemma2-2b --memory-report                   # no run: read compiled code
     cce-bench --preset gemma2-2b --work-model --gpu A100           # no run: estimated work
     cce-bench --interleaved --repetitions 5                        # on a shared, noisy machine
+    cce-bench --task logprobs                  # the RL head: log-probs and entropy
+
+`--task logprobs` measures the RL policy head instead: per-token log-probabilities of the
+targets and the entropy under softmax(linear(hidden) / 0.7), in the objective
+`(log_probs * adv).sum() + 0.01 * entropy.sum()` (adv fixed, from -1 to 1 over the tokens), "loss"
+being its forward and "loss+grad" forward and backward: torch eager and torch.compile of the
+materialized code (written as TRL and verl write it), verl's fused ops when installed (the
+chunked torch FusedLinearForPPO; its Triton linear_cross_entropy and Liger's on CUDA), and
+cce-inductor's `linear_log_probs` and backend="cce" on the same code.
 
 Each implementation runs in its own process (compile caches and memory peaks stay apart) on the
 same inputs, saved once: one after the other, or with --interleaved all started at once and
@@ -59,6 +68,99 @@ MIN_START_SECONDS = 10.0
 
 def _torch_reference(hidden: torch.Tensor, classifier: torch.Tensor, target: torch.Tensor):
     return F.cross_entropy(F.linear(hidden, classifier), target)
+
+
+def _cross_entropy_rows(hidden, classifier, target, start: int, n: int) -> torch.Tensor:
+    """Rows [start, start + len(target)) of n of the mean cross-entropy."""
+    return F.cross_entropy(F.linear(hidden, classifier), target, reduction="sum") / n
+
+
+# --- task logprobs: the RL head -----------------------------------------------------------------
+TEMPERATURE = 0.7
+ENTROPY_COEF = 0.01
+
+
+def _advantages(n: int, device: torch.device) -> torch.Tensor:
+    return torch.linspace(-1.0, 1.0, n, device=device)
+
+
+def _rl_objective(log_probs: torch.Tensor, entropy: torch.Tensor) -> torch.Tensor:
+    advantages = _advantages(log_probs.shape[0], log_probs.device).to(log_probs.dtype)
+    return (log_probs * advantages).sum() + ENTROPY_COEF * entropy.sum()
+
+
+def _torch_log_probs(hidden, classifier, target, advantages=None):
+    """The materialized RL objective as trainers write it (fp32 logits over the temperature,
+    gather of log_softmax, entropy from the log-probabilities)."""
+    logits = F.linear(hidden, classifier).float() / TEMPERATURE
+    log_p = logits.log_softmax(-1)
+    log_probs = log_p.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    entropy = -(log_p.exp() * log_p).sum(-1)
+    if advantages is None:
+        return _rl_objective(log_probs, entropy)
+    return (log_probs * advantages).sum() + ENTROPY_COEF * entropy.sum()
+
+
+def _log_probs_rows(hidden, classifier, target, start: int, n: int) -> torch.Tensor:
+    """Rows [start, start + len(target)) of n of the RL objective (a sum over rows)."""
+    advantages = _advantages(n, hidden.device)[start:start + target.shape[0]]
+    return _torch_log_probs(hidden, classifier, target, advantages.to(hidden.dtype))
+
+
+def _cce_log_probs(device: torch.device) -> LossFn:
+    import cce_inductor
+
+    return lambda e, c, t: _rl_objective(*cce_inductor.linear_log_probs(
+        e, c, t, temperature=TEMPERATURE, return_entropy=True))
+
+
+def _verl_torch_module() -> Any:
+    """verl's chunked torch FusedLinearForPPO, loaded from its file: the op needs only torch,
+    while importing the verl package imports ray and the rest of verl's stack."""
+    spec = importlib.util.find_spec("verl")
+    path = os.path.join(os.path.dirname(spec.origin), "utils", "experimental",
+                        "torch_functional.py")
+    module_spec = importlib.util.spec_from_file_location("verl_torch_functional", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def _verl_torch(device: torch.device) -> LossFn:
+    fused = _verl_torch_module().FusedLinearForPPO(chunk_size=512)
+    return lambda e, c, t: _rl_objective(*fused(e, c, t, temperature=TEMPERATURE))
+
+
+def _verl_missing(device: torch.device) -> Optional[str]:
+    if importlib.util.find_spec("verl") is None:
+        return "not installed (pip install verl)"
+    return None
+
+
+def _verl_triton(device: torch.device) -> LossFn:
+    from verl.utils.kernel.linear_cross_entropy import linear_cross_entropy
+
+    return lambda e, c, t: _rl_objective(*linear_cross_entropy(e, c, t, TEMPERATURE))
+
+
+def _verl_triton_missing(device: torch.device) -> Optional[str]:
+    return _verl_missing(device) or (None if device.type == "cuda" else "Triton kernels need CUDA")
+
+
+def _liger_log_probs(device: torch.device) -> LossFn:
+    from liger_kernel.ops import LigerFusedLinearScaledCrossEntropyFunction as Function
+
+    def objective(e: torch.Tensor, c: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        nll, entropy = Function.apply(e, c, t, TEMPERATURE)
+        return _rl_objective(-nll, entropy)
+
+    return objective
+
+
+def _liger_log_probs_missing(device: torch.device) -> Optional[str]:
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "not installed (pip install liger-kernel)"
+    return None if device.type == "cuda" else "Triton kernels need CUDA"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,8 +251,40 @@ IMPLEMENTATIONS = (
 )
 
 
-def implementation(name: str) -> Implementation:
-    return next(impl for impl in IMPLEMENTATIONS if impl.name == name)
+LOG_PROBS_IMPLEMENTATIONS = (
+    Implementation("torch eager", lambda device: _torch_log_probs),
+    Implementation("torch.compile", lambda device: torch.compile(_torch_log_probs,
+                                                                 dynamic=False)),
+    Implementation("verl FusedLinearForPPO (torch)", _verl_torch, _verl_missing),
+    Implementation("verl linear_cross_entropy (Triton)", _verl_triton, _verl_triton_missing),
+    Implementation("liger fused linear scaled CE", _liger_log_probs, _liger_log_probs_missing),
+    Implementation("cce-inductor linear_log_probs", _cce_log_probs, counts_filter_tiles=True),
+    Implementation('cce-inductor backend="cce"',
+                   lambda device: torch.compile(_torch_log_probs, backend="cce", dynamic=False),
+                   counts_filter_tiles=True),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """What is measured: the implementations of one objective, and that objective on a block
+    of rows (rows [start, start + rows) of n; the blocks' values sum to the whole), which the
+    float64 reference runs a block at a time."""
+
+    implementations: tuple[Implementation, ...]
+    rows_objective: Callable[..., torch.Tensor]
+    describe: str
+
+
+TASKS = {
+    "cross_entropy": Task(IMPLEMENTATIONS, _cross_entropy_rows, "linear -> cross_entropy"),
+    "logprobs": Task(LOG_PROBS_IMPLEMENTATIONS, _log_probs_rows,
+                     f"log-probs + entropy, temperature {TEMPERATURE}"),
+}
+
+
+def implementation(name: str, task: str = "cross_entropy") -> Implementation:
+    return next(impl for impl in TASKS[task].implementations if impl.name == name)
 
 
 def display_name(impl: Implementation, device: torch.device) -> str:
@@ -181,9 +315,11 @@ def gradient_blocks(
             "grad_weight": grad_weight[:ERROR_CLASSES].cpu()}
 
 
-def reference(inputs: dict[str, torch.Tensor], device: torch.device) -> dict[str, Any]:
-    """float64 loss and gradient sub-blocks of linear -> cross_entropy (mean), computed a block
-    of rows at a time (never [N, V] float64 logits at once)."""
+def reference(inputs: dict[str, torch.Tensor], device: torch.device,
+              task: Task = TASKS["cross_entropy"]) -> dict[str, Any]:
+    """float64 loss and gradient sub-blocks of the task's objective (by default linear ->
+    cross_entropy, mean), computed a block of rows at a time (never [N, V] float64 logits at
+    once)."""
     hidden = inputs["hidden"].to(device, torch.float64)
     classifier = inputs["classifier"].to(device, torch.float64).requires_grad_(True)
     target = inputs["target"].to(device)
@@ -192,9 +328,8 @@ def reference(inputs: dict[str, torch.Tensor], device: torch.device) -> dict[str
     grad_hidden = torch.empty_like(hidden)
     for start in range(0, n, REFERENCE_ROWS):
         rows = hidden[start:start + REFERENCE_ROWS].clone().requires_grad_(True)
-        part = F.cross_entropy(
-            F.linear(rows, classifier), target[start:start + REFERENCE_ROWS], reduction="sum"
-        ) / n
+        part = task.rows_objective(rows, classifier, target[start:start + REFERENCE_ROWS],
+                                   start, n)
         part.backward()
         grad_hidden[start:start + REFERENCE_ROWS] = rows.grad
         loss += part.item()
@@ -310,10 +445,10 @@ def worker(payload: dict[str, Any]) -> dict[str, Any]:
     device = torch.device(payload["device"])
     inputs = torch.load(payload["inputs_path"], mmap=True)
     if payload["implementation"] == "float64 reference":
-        result = reference(inputs, device)
+        result = reference(inputs, device, TASKS[payload["task"]])
         torch.save(result, payload["reference_path"])
         return {"loss": result["loss"]}
-    impl = implementation(payload["implementation"])
+    impl = implementation(payload["implementation"], payload["task"])
     label = display_name(impl, device)
     compat.dynamo_counters()["cce"].clear()
     torch.compiler.reset()
@@ -341,6 +476,10 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
         description="Benchmark linear -> cross_entropy implementations (loss, loss+grad): "
         "time, peak memory, error against float64.",
     )
+    parser.add_argument(
+        "--task", choices=sorted(TASKS), default="cross_entropy",
+        help="cross_entropy (default), or logprobs: log-probs + entropy of an RL objective",
+    )
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default")
     parser.add_argument("--n", type=int, help="tokens (overrides the preset)")
     parser.add_argument("--v", type=int, help="vocabulary size (overrides the preset)")
@@ -349,7 +488,8 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument(
         "--impl", action="append", metavar="NAME",
         help="run only these implementations (repeatable); names: "
-        + "; ".join(impl.name for impl in IMPLEMENTATIONS),
+        + "; ".join(f"{task}: " + ", ".join(impl.name for impl in TASKS[task].implementations)
+                    for task in TASKS),
     )
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs after the first")
@@ -414,7 +554,9 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
         parser.error("--interpret-templates is for --device cpu (a GPU runs the templates)")
     if args.interleaved and args.same_process:
         parser.error("--interleaved takes turns between worker processes; drop --same-process")
-    known = {impl.name for impl in IMPLEMENTATIONS}
+    if args.memory_report and args.task != "cross_entropy":
+        parser.error("--memory-report reads the cross_entropy task's compiled code only")
+    known = {impl.name for impl in TASKS[args.task].implementations}
     for name in args.impl or ():
         if name not in known:
             parser.error(f"unknown implementation {name!r}; known: {sorted(known)}")
@@ -569,11 +711,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(work_model.report(shape, args.preset, args))
         return 0
     device = torch.device(args.device)
+    task = TASKS[args.task]
     selected = [
-        impl for impl in IMPLEMENTATIONS if not args.impl or impl.name in args.impl
+        impl for impl in task.implementations if not args.impl or impl.name in args.impl
     ]
     name = args.preset if shape == PRESETS[args.preset] else "custom shape"
-    title = f"cce-bench {name}: {shape.describe()} on {device.type}"
+    title = f"cce-bench {name}, {task.describe}: {shape.describe()} on {device.type}"
     if args.interleaved:
         schedule = (f"interleaved: {args.warmup} warmup and {args.repetitions} timed rounds, "
                     "the implementations taking turns within each")
@@ -590,7 +733,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         inputs_path = os.path.join(folder, "inputs.pt")
         torch.save(make_inputs(shape, args.seed), inputs_path)
         common = {
-            "device": args.device, "inputs_path": inputs_path, "modes": args.modes,
+            "device": args.device, "task": args.task, "inputs_path": inputs_path,
+            "modes": args.modes,
             "warmup": args.warmup, "repetitions": args.repetitions,
             "budget_seconds": args.budget,
             "reference_path": os.path.join(folder, "reference.pt"),
@@ -667,7 +811,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.json:
         with open(args.json, "w") as file:
             json.dump({
-                "preset": args.preset, "shape": dataclasses.asdict(shape), "device": args.device,
+                "preset": args.preset, "task": args.task, "shape": dataclasses.asdict(shape),
+                "device": args.device,
                 "torch": torch.__version__, "warmup": args.warmup,
                 "repetitions": args.repetitions, "interleaved": args.interleaved,
                 "results": results,
