@@ -16,7 +16,7 @@ are compiled as 16-byte aligned, as Inductor marks them for GPU inputs (see comp
 CTAs per SM follow from registers, warps and shared memory (see `ctas_per_sm`); a config must
 reach the CTAs per SM it declares (its grid plans waves with them).
 
-    python -m cce_inductor.tools.gpu_readiness [--preset gemma2-2b] [--all]
+    python -m cce_inductor.tools.gpu_readiness [--preset gemma2-2b] [--all] [--head rl]
 """
 
 from __future__ import annotations
@@ -40,6 +40,10 @@ import torch
 from cce_inductor.lowering import backward, configs, forward
 from cce_inductor.tools.presets import PRESETS, Shape
 
+# What the rendered kernels compute: the cross-entropy loss, or the heaviest variant, every
+# optional term at once (the logit scale after the softcap, the entropy's running sum in the
+# forward, its gradient term and its filter bound in dz), the kernels with the most live state.
+HEADS = {"loss": "cross-entropy", "rl": "cross-entropy + entropy, logit scale 1/0.7"}
 # Every template kernel, by name (the key of configs.forced).
 KERNELS = {kernel.name: kernel for kernel in (*forward.KERNELS, *backward.KERNELS)}
 
@@ -113,12 +117,12 @@ def _launches_skipped() -> Iterator[None]:
         InterpretedFunction.run = run
 
 
-def render(shape: Shape, dtype: torch.dtype, tile: configs.LogitTile,
+def render(shape: Shape, dtype: torch.dtype, tile: configs.LogitTile, head: str = "loss",
            **forced: configs.Config) -> dict[str, str]:
-    """Inductor's source of the template kernels of a CCE loss + backward at `shape` (static;
-    bias, softcap 30 and the default filter on, as a Gemma 2 head trains), with this logit
-    tile and these configs forced; keyed by kernel name in the wrapper. Nothing is computed:
-    the tensors are allocated uninitialized and every kernel launch is skipped."""
+    """Inductor's source of the template kernels of a CCE head + backward at `shape` (static;
+    bias, softcap 30 and the default filter on, as a Gemma 2 head trains; see HEADS), with
+    this logit tile and these configs forced; keyed by kernel name in the wrapper. Nothing is
+    computed: the tensors are allocated uninitialized and every kernel launch is skipped."""
     import cce_inductor
     from cce_inductor import compat
     from cce_inductor.tools import interpreter
@@ -129,8 +133,13 @@ def render(shape: Shape, dtype: torch.dtype, tile: configs.LogitTile,
     t = torch.zeros(shape.n, dtype=torch.int64)
 
     def step() -> None:
-        fn = torch.compile(cce_inductor.linear_cross_entropy, backend="inductor")
-        fn(e, c, t, linear_bias=b, softcap=30.0).backward()
+        fn = torch.compile(cce_inductor.api.linear_head, backend="inductor")
+        if head == "loss":
+            fn(e, c, t, outputs=("loss",), linear_bias=b, softcap=30.0)[0].backward()
+        else:
+            loss, entropy = fn(e, c, t, outputs=("loss", "entropy"), linear_bias=b,
+                               softcap=30.0, logit_scale=1 / 0.7)
+            (loss + entropy.mean()).backward()
 
     torch.compiler.reset()
     try:
@@ -241,16 +250,17 @@ def _num_warps(config: configs.Config, tile: configs.LogitTile) -> int:
 
 
 def resource_table(shape: Shape, all_configs: bool = False,
-                   dtypes: Optional[list[torch.dtype]] = None) -> list[Resources]:
+                   dtypes: Optional[list[torch.dtype]] = None, head: str = "loss"
+                   ) -> list[Resources]:
     """Resources of the default configs (or of every shipped config) on their arch, rendered
-    at `shape` (in `dtypes`, default the shape's own)."""
+    at `shape` (in `dtypes`, default the shape's own) for `head` (a key of HEADS)."""
     jobs, labels = [], []
     for dtype in dtypes or [shape.torch_dtype]:
         for arch in configs.ARCHS:
             tile = configs.LOGIT_TILES.shipped(configs.width_of(dtype), arch)[0]
             seen: set[tuple[str, str]] = set()
             for forced in _renders(dtype, arch, all_configs):
-                sources = render(shape, dtype, tile, **forced)
+                sources = render(shape, dtype, tile, head, **forced)
                 for name, source in sorted(sources.items()):
                     kernel = kernel_of(source)
                     config = forced[kernel]
@@ -294,12 +304,15 @@ def main(argv: Optional[list[str]] = None) -> int:
                         "the defaults")
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
                         help="render in this dtype (default: the preset's)")
+    parser.add_argument("--head", choices=sorted(HEADS), default="loss",
+                        help="what the kernels compute: " + "; ".join(
+                            f"{name}: {what}" for name, what in HEADS.items()))
     args = parser.parse_args(argv)
     shape = PRESETS[args.preset]
     dtypes = [getattr(torch, args.dtype)] if args.dtype else None
-    rows = resource_table(shape, all_configs=args.all, dtypes=dtypes)
+    rows = resource_table(shape, all_configs=args.all, dtypes=dtypes, head=args.head)
     rendered = dataclasses.replace(shape, dtype=args.dtype) if args.dtype else shape
-    print(f"{args.preset}: {rendered.describe()}")
+    print(f"{args.preset}: {rendered.describe()}, {HEADS[args.head]}")
     print(format_table(rows))
     return 0 if all(r.fits for r in rows) else 1
 
