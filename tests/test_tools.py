@@ -216,7 +216,7 @@ def test_dump_smoke(tmp_path, capsys, monkeypatch):
     assert "rewritten" in (out / "rewrite_decisions.txt").read_text()
     before = (out / "dynamo_graph_0_before.py").read_text()
     after = (out / "dynamo_graph_0_after.py").read_text()
-    assert "cross_entropy" in before and "linear_cross_entropy" in after
+    assert "cross_entropy" in before and "linear_head" in after
     codes = sorted(path.name for path in (out / "output_code").iterdir())
     assert codes == ["0_forward.py", "1_backward.py"]
     kernels = list((out / "kernels").rglob("triton_tem_*.py"))
