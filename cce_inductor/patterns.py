@@ -169,10 +169,13 @@ def is_call(node: Any, functions: tuple = (), methods: tuple = ()) -> bool:
 def normalized(node: Node) -> dict[str, Any]:
     """The node's arguments by parameter name (call_function nodes)."""
     arg_types = tuple(type(example_value(a)) for a in node.args)
-    pair = normalize_function(
-        node.target, node.args, node.kwargs, arg_types=arg_types,
-        normalize_to_only_use_kwargs=True,
-    )
+    try:
+        pair = normalize_function(
+            node.target, node.args, node.kwargs, arg_types=arg_types,
+            normalize_to_only_use_kwargs=True,
+        )
+    except (TypeError, RuntimeError):  # torch 2.11 binds some overloads' signatures wrongly
+        pair = None
     if pair is None:
         raise NotASite("unsupported_arguments", f"cannot normalize the arguments of {node}")
     return pair.kwargs
@@ -297,10 +300,15 @@ def _read_consumer(node: Node) -> Optional[_Consumer]:
 
 def _arguments(node: Node, names: tuple[str, ...]) -> dict[str, Any]:
     """A call's arguments by name: normalized for functions, by position for methods (whose
-    first argument is the tensor)."""
-    if node.op == "call_method":
-        return dict(zip(names, node.args), **node.kwargs)
-    return normalized(node)
+    first argument is the tensor) and for functions torch cannot normalize (overloads with
+    dimension names, e.g. torch.logsumexp on torch 2.11), whose leading parameters are
+    `names`."""
+    if node.op == "call_function":
+        try:
+            return normalized(node)
+        except NotASite:
+            pass
+    return dict(zip(names, node.args), **node.kwargs)
 
 
 def _is_last_dim(tensor: Any, dim: Any) -> bool:
