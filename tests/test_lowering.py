@@ -288,17 +288,17 @@ def test_log_probs_and_entropy_templates(case):
 
 
 def test_split_vocabulary_entropy():
-    """Vocabulary ranges' entropies merge in the combine (2 x 4 ranges, one empty), with a
-    logit scale and a softcap in the kernel."""
-    with configs.forced(forward=SPLIT_TILES):
-        inputs = reference.make_inputs(N, V, D, torch.float32, bias=True)
+    """Vocabulary ranges' entropy spreads merge in the combine (2 row blocks x 4 ranges of
+    V = 600, one empty), with a logit scale and a softcap in the kernel."""
+    with configs.forced(tile=SPLIT_TILE, forward=SPLIT):
+        inputs = reference.make_inputs(N, SPLIT_V, D, torch.float32, bias=True)
         with interpreter.interpreted():
             _, codes = compat.run_and_get_code(
                 reference.check_log_probs_against_reference, compiled_log_probs(), inputs,
                 torch.float32, softcap=3.0, temperature=0.6,
             )
     assert forward_launches(codes) == [(2, 4)]
-    assert_fused(codes)
+    assert_fused(codes, v=SPLIT_V)
 
 
 def test_filtering_with_entropy_gradients_skips_tiles():
