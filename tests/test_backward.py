@@ -212,6 +212,97 @@ def test_early_skipping_on_peaked_rows():
     assert stats.early == 3
 
 
+def test_tile_max_bounds_the_transformed_logits():
+    """tile_max holds each 16-row x 128-class block's largest logit as the softmax sees it,
+    z = scale * softcap(x) (softcap 3, temperature 0.4: scale 2.5), not x: compared with the
+    float64 block maxima of z (x's would be 2.5 times smaller)."""
+    inputs = reference.make_inputs(N, V, D, torch.float32, bias=True)
+    softcap, scale = 3.0, 2.5
+
+    def tile_max(e, c, b, t):
+        return torch.ops.cce.linear_cross_entropy_fwd(e, c, b, t, None, softcap, False, 2.0**-12,
+                                                      True, scale, True)[4]
+
+    with interpreter.interpreted():
+        ours = torch.compile(tile_max, backend="inductor")(
+            inputs["input"], inputs["linear_weight"], inputs["linear_bias"], inputs["target"])
+    x = inputs["input"].double() @ inputs["linear_weight"].double().T + inputs["linear_bias"]
+    z = torch.full((-(-N // 16) * 16, -(-V // 128) * 128), float("-inf"), dtype=torch.float64)
+    z[:N, :V] = scale * softcap * torch.tanh(x / softcap)
+    exact = z.view(-1, 16, z.shape[1] // 128, 128).amax((1, 3)).flatten()
+    torch.testing.assert_close(ours.double(), exact, rtol=1e-6, atol=1e-6)
+
+
+def rl_tile_inputs() -> dict:
+    """Logits x set directly (logits_as_inputs; V = 256: two tiles, two row blocks of 16, the
+    targets in tile 0 at x = 8, the rest of tile 0 at 0), for temperature 0.5 (z = 2x).
+    Row block 0's tile 1 is at x = 3.5: its softmax there, about 2**-13, is below eps = 2**-12,
+    but the entropy's gradient p |log p + H| (about 9 p) is not negligible, so the tile
+    matters. Row block 1's tile 1 is at x = -4: p about e**-24, negligible with every term."""
+    logits = torch.zeros(32, 256)
+    target = torch.arange(32) % 64
+    logits[:16, 128:] = 3.5
+    logits[16:, 128:] = -4.0
+    logits[torch.arange(32), target] = 8.0
+    return logits_as_inputs(logits, target, torch.float32)
+
+
+RL_TEMPERATURE = 0.5
+
+
+def rl_loss(input, linear_weight, target, *, linear_bias=None, weight=None, head=None,
+            **options):
+    """(log_probs * adv).sum() + entropy.sum() with advantages of +-1/4 (exact in every dtype):
+    per row grad_lse = -adv, grad_target_logit = adv, grad_entropy = 1."""
+    log_probs, entropy = head(input, linear_weight, target, linear_bias=linear_bias, **options)
+    advantages = 0.25 - 0.5 * (torch.arange(log_probs.shape[0]) % 2)
+    return (log_probs * advantages).sum() + entropy.sum()
+
+
+def test_early_skipping_with_entropy_gradients_and_temperature():
+    """The dz kernel's two decisions with the entropy's gradient and a logit scale, on
+    rl_tile_inputs with 16-row tiles (one tile_max group per row block): row block 1's tile 1
+    is skipped before its logits are recomputed; row block 0's tile 1 is kept, although the
+    cross-entropy rule (p < eps) would skip it, and although a tile_max of the unscaled logits
+    would have skipped it early: both facts are checked on the float64 logits below, so the
+    test fails for either mistake. The gradients match the reference."""
+    inputs = rl_tile_inputs()
+    eps = 2.0**-12
+    x = inputs["input"].double()
+    z = x / RL_TEMPERATURE
+    log_p = z.log_softmax(1)
+    p, lse = log_p.exp(), z.logsumexp(1)
+    entropy = -(p * log_p).sum(1)
+    advantages = 0.25 - 0.5 * (torch.arange(32) % 2)
+    dz = p * (-advantages[:, None] - (log_p + entropy[:, None]))
+    dz[torch.arange(32), inputs["target"]] += advantages
+    tile_1 = (dz[:, 128:].abs() / 1.0).view(2, 16, 128).amax((1, 2))  # r = max(1/4, 1) = 1
+    assert tile_1[0] >= eps and tile_1[1] < eps  # row block 0's tile 1 matters, 1's does not
+    assert p[:16, 128:].max() < eps  # ... which the cross-entropy rule alone would miss
+    unscaled = (x[:16, 128:].max() - lse[:16]).exp()  # a tile_max of x: P far too small
+    assert (unscaled * (0.25 + entropy[:16] - unscaled.log())).max() < eps
+
+    head = functools.partial(
+        torch.compile(cce_inductor.linear_log_probs, backend="inductor"), return_entropy=True)
+    fn = functools.partial(rl_loss, head=head)
+    tile = configs.LogitTile(block_n=16, block_v=128, block_d=32, num_warps=4)
+    with configs.forced(tile=tile), filter_stats.counting(), \
+            filter_stats.collect() as stats, interpreter.interpreted():
+        ours = reference.loss_and_grads(fn, inputs, torch.float32, filter_eps=eps,
+                                        temperature=RL_TEMPERATURE)
+    assert (stats.total, stats.skipped, stats.early) == (4, 1, 1)
+
+    def materialized(dtype):
+        return reference.loss_and_grads(
+            functools.partial(rl_loss, head=reference.torch_log_probs_and_entropy), inputs,
+            dtype, temperature=RL_TEMPERATURE)
+
+    grads = {name: ours[name] for name in ("input", "linear_weight")}
+    reference.assert_close_to_reference(
+        grads, {name: materialized(torch.float32)[name] for name in grads}, lambda: None,
+        {name: materialized(torch.float64)[name] for name in grads}, torch.float32)
+
+
 def test_long_vocabulary_backward_memory_from_generated_code(monkeypatch):
     """At a long vocabulary the backward allocates, beyond dE and dC, a small fraction of dC:
     the dz chunk [N, 256], the fp32 dE accumulator and the tile maps (read from the wrapper)."""
