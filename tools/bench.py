@@ -90,9 +90,11 @@ def _rl_objective(log_probs: torch.Tensor, entropy: torch.Tensor) -> torch.Tenso
 
 
 def _torch_log_probs(hidden, classifier, target, advantages=None):
-    """The materialized RL objective as trainers write it (fp32 logits over the temperature,
-    gather of log_softmax, entropy from the log-probabilities)."""
-    logits = F.linear(hidden, classifier).float() / TEMPERATURE
+    """The materialized RL objective as trainers write it (16-bit logits upcast to fp32, over
+    the temperature, gather of log_softmax, entropy from the log-probabilities). The upcast
+    never narrows: in float64 this is the reference."""
+    logits = F.linear(hidden, classifier)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / TEMPERATURE
     log_p = logits.log_softmax(-1)
     log_probs = log_p.gather(-1, target.unsqueeze(-1)).squeeze(-1)
     entropy = -(log_p.exp() * log_p).sum(-1)
