@@ -115,7 +115,9 @@ def test_one_pass_reasons():
     assert _reason(inputs, reduction="sum", label_smoothing=0.1, softcap=3.0,
                    filter_grads="input") is None
     assert "reduction='none'" in _reason(inputs, reduction="none")
-    assert "return_lse" in _reason(inputs, return_lse=True)
+    assert "outputs=('loss', 'lse')" in _reason(inputs, outputs=("loss", "lse"))
+    assert "outputs=('log_probs', 'entropy')" in _reason(inputs, outputs=("log_probs", "entropy"))
+    assert "logit_scale=0.5" in _reason(inputs, logit_scale=0.5)
     assert "no input requires grad" in _reason(inputs, trainable=())
     assert "class weights" in _reason(inputs, class_weight_grad=True)
     with torch.no_grad():
@@ -132,6 +134,19 @@ def test_one_pass_reasons():
 
     torch.func.vmap(probe)(inputs["input"])
     assert "torch.func" in seen[0]
+
+
+def test_logit_scale_takes_the_two_ops(calls):
+    """A logit scale, which the one pass does not apply, sends a scalar loss to the forward and
+    backward ops (which apply it), exactly."""
+    def scaled(input, linear_weight, target, *, linear_bias=None, weight=None):
+        logits = torch.nn.functional.linear(input, linear_weight, linear_bias) * 0.5
+        return torch.nn.functional.cross_entropy(logits, target)
+
+    inputs = reference.make_inputs(N, V, D, torch.float32, bias=True, seed=3)
+    ours = functools.partial(unfiltered, logit_scale=0.5)
+    reference.check_against_reference(ours, inputs, torch.float32, reference=scaled)
+    assert calls == ["forward", "backward"]
 
 
 def test_one_pass_options_are_loss_options():
@@ -258,8 +273,7 @@ def test_loss_gradients_are_autograds(reduction, ignored, label_smoothing, class
             weights[target[target >= 0]] = 0.0
     stats = [torch.randn(N, generator=gen).requires_grad_() for _ in range(3)]
     loss, denominator = losses.row_losses(*stats, target, weights, -100, label_smoothing, V)
-    reduced = losses.reduce_loss(loss, denominator, stats[0], torch.Size(),
-                                 LossOptions(reduction=reduction))
+    reduced = losses.reduce_loss(loss, denominator, torch.Size(), reduction)
     expected = torch.autograd.grad(
         reduced, stats,
         allow_unused=True, materialize_grads=True,
