@@ -224,7 +224,7 @@ def test_frozen_head_does_no_weight_gradient_work():
     )
 
 
-def peaked_inputs(dtype):
+def first_tile_targets(dtype):
     """Rows whose softmax is concentrated near their target, all targets in the first vocab
     tile: most (row block x vocab block) tiles of dz are negligible."""
     v = 512
@@ -238,7 +238,7 @@ def peaked_inputs(dtype):
 
 @pytest.mark.parametrize("filter_eps", ["auto", None])
 def test_filtering_skips_negligible_tiles(filter_eps):
-    inputs, v = peaked_inputs(torch.bfloat16)
+    inputs, v = first_tile_targets(torch.bfloat16)
     with interpreter.interpreted(), filter_stats.counting(), filter_stats.collect() as stats:
         _, codes = compat.run_and_get_code(
             reference.check_against_reference,
@@ -306,7 +306,7 @@ def test_filtering_with_entropy_gradients_skips_tiles():
     tiles, and the gradients stay within the tolerance rule. (At temperature 0.9 these rows'
     largest off-target p, about 1e-4, is below eps but its entropy gradient p |log p + H| is
     not: the bound keeps those tiles, as it should.)"""
-    inputs, v = peaked_inputs(torch.bfloat16)
+    inputs, v = first_tile_targets(torch.bfloat16)
     with interpreter.interpreted(), filter_stats.counting(), filter_stats.collect() as stats:
         reference.check_log_probs_against_reference(compiled_log_probs(), inputs,
                                                     torch.bfloat16, temperature=0.5)
