@@ -41,6 +41,10 @@ CONFIGS: dict[str, Callable[[], tuple[type, object]]] = {
     # `logits / logits_scaling`; the default is 1, Granite 3.0 8B uses 8.
     "granite": lambda: (transformers.GraniteForCausalLM, transformers.GraniteConfig(
         **COMMON, logits_scaling=8.0)),
+    # Cohere 2 scales like Cohere. (GraniteMoE, which divides like Granite, is not here: with
+    # torch 2.11 + transformers 5.17 its experts break the Dynamo graph, so the loss's graph gets
+    # the logits as an input and the site is skipped, `logits_are_graph_input`.)
+    "cohere2": lambda: (transformers.Cohere2ForCausalLM, transformers.Cohere2Config(**COMMON)),
     # lm_head.weight is wte.weight (tie_word_embeddings defaults to True). No dropout, so eager
     # and compiled runs are deterministic. transformers finds no loss for the class name and
     # calls logger.warning_once between head and loss (see test_gpt2_logging_is_ours_only).
