@@ -2,10 +2,11 @@
 
 Rows are processed a chunk at a time, each chunk with the whole vocabulary: one matmul gives the
 chunk's logits `[rows, V]`, which are turned into row statistics and, when gradients are wanted,
-in place into dz, then consumed by the two gradient matmuls. `chunk_rows` sizes a chunk to at
-most max(min(CHUNK_ELEMENTS, (N + V) * D / 3), MIN_CHUNK_ROWS * V) logits (28 MB of fp32 at
-most for V <= 114688), so the extra memory is O(N*D + V*D + N) plus a few chunk-sized
-temporaries, never `[N, V]`.
+in place into dz, then consumed by the two gradient matmuls. `chunk_rows` sizes a chunk so that
+its temporaries take at most a third of the gradients' bytes, and never more than
+CHUNK_ELEMENTS logits (28 MB of fp32) unless V > 114688 (then MIN_CHUNK_ROWS rows), so the
+extra memory is O(N*D + V*D + N) plus a few chunk-sized temporaries, never `[N, V]`. (A sweep
+without gradients, the forward's, sizes its chunks as fp32's.)
 
 One sweep over the chunks serves all three ops, so the backward recomputes exactly the logits and
 row statistics that the forward computed:
@@ -13,6 +14,17 @@ row statistics that the forward computed:
 - `backward`: gradients for given gradients of the statistics, recomputing each chunk.
 - `forward_and_backward`: both at once, when the statistics' gradients are known before the
   forward runs (a loss reduced to a scalar): the logits are computed once, not twice.
+(bf16's backward takes smaller row chunks than its forward; a row's logits do not depend on the
+chunk's size with oneDNN's kernels, and were they to, p = softmax(z) * exp(own lse - given lse)
+would keep the backward exact.)
+
+With bf16 inputs the gradients are written in bf16 once each, as torch's own bf16 products
+round them, with no fp32 accumulator of the classifier's [V, D] gradient (twice the bf16
+gradient's memory): grad_input comes from the row sweep (each chunk's rows see every class),
+grad_classifier and grad_bias from a second sweep over blocks of classes with every row
+(`_VocabPass`), which recomputes the logits (8 N*V*D FLOPs in all instead of 6) so that each
+class's gradient is one product over all N rows. Measured on 2 AVX-512 cores it costs about 14 %
+in time and saves about half the memory of loss + gradients (README, "The CPU path").
 
 The softmax is exp(z - m) / s as torch's softmax computes it (m the row max, s the sum of
 exp(z - m)); exp(z - lse) with the fp32 lse = m + log(s) would be off by up to half an ulp of
@@ -20,8 +32,9 @@ exp(z - m)); exp(z - lse) with the fp32 lse = m + log(s) would be off by up to h
 whole-row steps (max, softmax) are single torch kernels over the chunk, the softmax one pass that
 works row by row in cache.
 
-Matmuls run in the inputs' dtype for bf16 (the logits are rounded to bf16 exactly as torch's own
-bf16 `linear` rounds them) and in fp32 otherwise (fp16 matmuls are not faster on CPUs). On a
+Matmuls run in the inputs' dtype for bf16 (the logits and gradients are rounded to bf16 exactly
+as torch's own bf16 products round them) and in fp32 otherwise (fp16 matmuls are not faster on
+CPUs). On a
 CPU with AVX-512 the fp32 logits and grad_input come from oneDNN (see `_linear`), grad_classifier
 from torch's matmul (see `_classifier_products`: with 2 threads MKL's product with a short inner
 dimension, the chunk's rows, beat oneDNN's). Everything after the matmul (softcap, exp, sums,
@@ -40,12 +53,12 @@ from torch import Tensor
 
 from cce_inductor import compat, filter_stats
 
-# A chunk holds at most CHUNK_ELEMENTS logits, and at most 1 / GRADIENT_FRACTION of the
-# gradients' (N + V) * D elements (its memory is the one thing the sweep adds to theirs), but
-# never fewer than MIN_CHUNK_ROWS rows (which keeps the grad_classifier matmul, whose inner
-# dimension is the chunk's rows, efficient at large V). 28 MB of fp32 stays below glibc's
-# largest mmap threshold (32 MB), so each chunk reuses the last one's freed heap memory instead
-# of faulting in fresh pages.
+# A chunk holds at most CHUNK_ELEMENTS logits, and its temporaries at most 1 / GRADIENT_FRACTION
+# of the gradients' (N + V) * D elements' bytes (its memory is the one thing the sweep adds to
+# theirs), but never fewer than MIN_CHUNK_ROWS rows (which keeps the grad_classifier matmul,
+# whose inner dimension is the chunk's rows, efficient at large V). 28 MB of fp32 stays below
+# glibc's largest mmap threshold (32 MB), so each chunk reuses the last one's freed heap memory
+# instead of faulting in fresh pages.
 CHUNK_ELEMENTS = 7 << 20
 GRADIENT_FRACTION = 3
 MIN_CHUNK_ROWS = 64
@@ -57,11 +70,29 @@ FILTER_BLOCK = 128
 VOCAB_BLOCK = 2048
 
 
-def chunk_rows(n: int, vocab: int, hidden: int) -> int:
-    """Rows per chunk of an [n, hidden] input and a [vocab, hidden] classifier (see
-    CHUNK_ELEMENTS)."""
-    elements = min(CHUNK_ELEMENTS, (n + vocab) * hidden // GRADIENT_FRACTION)
+def chunk_rows(n: int, vocab: int, hidden: int, dtype: torch.dtype) -> int:
+    """Rows per chunk of an [n, hidden] input and a [vocab, hidden] classifier of `dtype` (see
+    CHUNK_ELEMENTS).
+
+    The gradients take the bytes of their accumulation dtype, or 2 for bf16 (written in bf16);
+    a logit's temporaries take those of the accumulation dtype, plus 2 for bf16 (the bf16
+    product beside its fp32 copy, and dz's bf16 copy beside dz)."""
+    acc = _acc_dtype(dtype).itemsize
+    sixteen_bit = _matmul_dtype(dtype).itemsize == 2
+    gradient_bytes = (n + vocab) * hidden * (2 if sixteen_bit else acc)
+    logit_bytes = acc + (2 if sixteen_bit else 0)
+    elements = min(CHUNK_ELEMENTS, gradient_bytes // (GRADIENT_FRACTION * logit_bytes))
     return max(MIN_CHUNK_ROWS, elements // max(vocab, 1))
+
+
+def vocab_block_classes(n: int, vocab: int, hidden: int, dtype: torch.dtype) -> Optional[int]:
+    """Classes per block of the classifier's sweep over all n rows (`_VocabPass`): a block
+    holds as many logits as a row chunk, in whole FILTER_BLOCKs; None where one FILTER_BLOCK
+    of n rows would hold more (then the classifier's gradient accumulates over the row
+    chunks in fp32)."""
+    elements = chunk_rows(n, vocab, hidden, dtype) * vocab
+    classes = elements // max(n, 1) // FILTER_BLOCK * FILTER_BLOCK
+    return min(classes, vocab) if classes >= FILTER_BLOCK else None
 
 
 def _matmul_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -121,10 +152,17 @@ class _Problem:
             softcap=softcap, acc=acc, mm=mm, logit_scale=float(logit_scale),
         )
 
+    @property
+    def sixteen_bit(self) -> bool:
+        """Whether the matmuls run in 16 bits (bf16): their products are rounded to it."""
+        return self.mm.itemsize == 2
+
 
 @dataclasses.dataclass
 class _Gradients:
-    """The requested gradient accumulators (fp32, or fp64), None for the others.
+    """The requested gradients, None for the others: fp32 accumulators (fp64 for fp64), except
+    in bf16 for a bf16 problem grad_input (each chunk writes its rows once) and, where the
+    classes are swept in blocks (`vocab_block`, see `_VocabPass`), grad_classifier.
 
     Unless `zeroed`, input and classifier start uninitialized: the sweep's first chunk assigns
     its products instead of adding them (one pass over the [V, D] accumulator less). They are
@@ -134,6 +172,7 @@ class _Gradients:
     classifier: Optional[Tensor]
     bias: Optional[Tensor]
     zeroed: bool
+    vocab_block: Optional[int]  # classes per block of the classifier's sweep, or None
 
     @classmethod
     def new(cls, problem: _Problem, input_needs_grad: bool, classifier_needs_grad: bool,
@@ -142,12 +181,18 @@ class _Gradients:
         v = problem.classifier.shape[0]
         zeroed = n == 0 or (filter_eps is not None and filter_eps > 0)
         new = problem.input.new_zeros if zeroed else problem.input.new_empty
+        vocab_block = (
+            vocab_block_classes(n, v, d, problem.input.dtype)
+            if problem.sixteen_bit and classifier_needs_grad and n else None
+        )
         return cls(
-            input=new((n, d), dtype=problem.acc) if input_needs_grad else None,
-            classifier=new((v, d), dtype=problem.acc) if classifier_needs_grad else None,
+            input=new((n, d), dtype=problem.mm if problem.sixteen_bit else problem.acc)
+            if input_needs_grad else None,
+            classifier=new((v, d), dtype=problem.mm if vocab_block else problem.acc)
+            if classifier_needs_grad else None,
             bias=problem.input.new_zeros((v,), dtype=problem.acc)
             if bias_needs_grad and problem.bias is not None else None,
-            zeroed=zeroed,
+            zeroed=zeroed, vocab_block=vocab_block,
         )
 
     def any(self) -> bool:
@@ -283,18 +328,28 @@ def _sweep(
 ) -> None:
     """Fill `stats`, and with `row_grads` add the chunks' dz products to `grads` (with
     filtering, grad_input's only over the needed blocks, and the classifier's too where
-    filter_classifier)."""
+    filter_classifier); where `grads.vocab_block` is set, the classifier's and the bias's
+    gradients then come from the sweep over blocks of classes (`_VocabPass`)."""
     n = problem.input.shape[0]
     vocab = problem.classifier.shape[0]
-    rows = chunk_rows(n, vocab, problem.input.shape[1])
+    # Without gradients the chunk is all the sweep holds: it is sized as fp32's (larger products
+    # are faster), the forward's row chunks as before bf16's gradients got their own layout.
+    rows = chunk_rows(n, vocab, problem.input.shape[1],
+                      problem.input.dtype if row_grads is not None else problem.acc)
     # The smoothing term grad_logit_sum * class_weight is dense: no block of dz is negligible.
     filtering = (
         row_grads is not None and filter_eps is not None and filter_eps > 0
         and row_grads.logit_sum is None
     )
+    vocab_pass = (
+        _VocabPass.new(problem, grads.vocab_block, filtering and filter_classifier)
+        if row_grads is not None and grads is not None and grads.vocab_block else None
+    )
     for n0 in range(0, n, rows):
         _chunk(problem, n0, min(n0 + rows, n), stats, row_grads, given_lse, grads,
-               filter_eps if filtering else None, filter_classifier)
+               filter_eps if filtering else None, filter_classifier, vocab_pass)
+    if vocab_pass is not None:
+        vocab_pass.run(problem, row_grads, grads)
 
 
 def _chunk(
@@ -307,26 +362,53 @@ def _chunk(
     grads: Optional[_Gradients],
     filter_eps: Optional[float],
     filter_classifier: bool,
+    vocab_pass: Optional["_VocabPass"],
 ) -> None:
     """Rows [n0, n1) of the sweep. A function of its own so that the chunk's logits are freed
     before the next chunk's are allocated."""
     e = problem.input[n0:n1].to(problem.mm)
     z = _linear(e, problem.classifier).to(problem.acc)
     hit, col = problem.hit[n0:n1], problem.col[n0:n1]
-    derivative = _chunk_statistics(problem, z, slice(n0, n1), hit, col, stats,
-                                   row_grads is not None)
+    rows = slice(n0, n1)
+    derivative = _finish_logits(problem, z, slice(None), row_grads is not None)
+    _chunk_statistics(problem, z, rows, hit, col, stats, vocab_pass)
     if row_grads is None:
         return
     p = z  # softmax(z), in place
     if given_lse is not None:
         # exp(z - given lse) = p * exp(own lse - given lse): unchanged where the lse is own.
-        shift = stats.lse[n0:n1] - given_lse[n0:n1]
+        shift = stats.lse[rows] - given_lse[rows]
         if bool(shift.any()):
             p.mul_(torch.exp(shift)[:, None])
-    needed = _needed_blocks(p, hit, col, filter_eps, row_grads, slice(n0, n1)) \
+            if vocab_pass is not None:
+                vocab_pass.scale[rows] *= torch.exp(shift)
+    needed = _needed_blocks(p, hit, col, filter_eps, row_grads, rows) \
         if filter_eps is not None else None
-    dz, aside = _dz(problem, p, slice(n0, n1), hit, col, row_grads, derivative)
+    if vocab_pass is not None:
+        vocab_pass.add_needed(needed)
+        if grads.input is None:  # the vocabulary pass computes the rest
+            return
+    dz, aside = _dz(problem, p, rows, hit, col, row_grads, derivative)
     _accumulate(problem, dz, e, n0, n1, needed, filter_classifier, grads, aside)
+
+
+def _finish_logits(
+    problem: _Problem, z: Tensor, classes: slice | Tensor, want_derivative: bool
+) -> Optional[Tensor]:
+    """Finish the logits z [rows, len(classes)] in place (bias, softcap, logit scale:
+    z = logit_scale * softcap(x)). Returns the softcap derivative (1 - tanh^2) when asked for;
+    the logit scale's factor is `_dz`'s."""
+    if problem.bias is not None:
+        z += _take(problem.bias, 0, classes)
+    derivative = None
+    if problem.softcap is not None:
+        tanh = z.div_(problem.softcap).tanh_()
+        if want_derivative:
+            derivative = 1.0 - tanh * tanh
+        z.mul_(problem.softcap * problem.logit_scale)
+    elif problem.logit_scale != 1.0:
+        z.mul_(problem.logit_scale)
+    return derivative
 
 
 def _chunk_statistics(
@@ -336,22 +418,10 @@ def _chunk_statistics(
     hit: Tensor,
     col: Tensor,
     stats: _Statistics,
-    want_derivative: bool,
-) -> Optional[Tensor]:
-    """Finish the chunk's logits z [rows, V] (bias, softcap, logit scale:
-    z = logit_scale * softcap(x)) and write their row statistics; z becomes softmax(z) in
-    place. Returns the softcap derivative (1 - tanh^2) when asked for; the logit scale's
-    factor is `_dz`'s."""
-    if problem.bias is not None:
-        z += problem.bias
-    derivative = None
-    if problem.softcap is not None:
-        tanh = z.div_(problem.softcap).tanh_()
-        if want_derivative:
-            derivative = 1.0 - tanh * tanh
-        z.mul_(problem.softcap * problem.logit_scale)
-    elif problem.logit_scale != 1.0:
-        z.mul_(problem.logit_scale)
+    vocab_pass: Optional["_VocabPass"],
+) -> None:
+    """Write the row statistics of the chunk's finished logits z [rows, V] (and the softmax's
+    row factors that `vocab_pass` needs); z becomes softmax(z) in place."""
     stats.target_logit[rows] = torch.where(hit, z.gather(1, col[:, None])[:, 0], 0.0)
     if stats.logit_sum.numel():
         stats.logit_sum[rows] = (
@@ -368,8 +438,11 @@ def _chunk_statistics(
     # In place: the kernel reads each row whole before writing it. p = exp(z - m) / s.
     torch.softmax(z, 1, out=z)
     # The largest p is exp(0) / s, at the max: lse = m + log(s) = m - log(max p).
-    stats.lse[rows] = row_max - z.amax(1).log()
-    return derivative
+    p_max = z.amax(1)
+    stats.lse[rows] = row_max - p_max.log()
+    if vocab_pass is not None:
+        vocab_pass.row_max[rows] = row_max
+        vocab_pass.scale[rows] = p_max
 
 
 @dataclasses.dataclass
@@ -391,19 +464,42 @@ def _dz(
     row_grads: _RowGradients,
     derivative: Optional[Tensor],
 ) -> tuple[Tensor, _TargetTerms]:
-    """dz = (p (grad_lse - grad_entropy (log p + H)) + grad_target_logit * onehot(target)
-    + grad_logit_sum * class_weight) * logit_scale * softcap'(x), in place of the softmax p
-    (the entropy's term as p (grad_lse - grad_entropy H) - grad_entropy p log p, 0 where p
-    underflows to 0).
+    """dz = `_dense_dz` + grad_target_logit * onehot(target) * logit_scale * softcap'(x), in
+    place of the softmax p.
 
-    The one-hot term goes into dz only on rows whose target holds most of the mass (p >= 1/2),
-    where it cancels the target's p; elsewhere it is returned aside, for `_accumulate` to add
-    after grad_input's product. Without it that product's running sums stay small, which keeps
-    their rounding error below torch's for the long sums over V (oneDNN sums in plain order)."""
-    grad_lse = row_grads.lse[rows]
+    In fp32 (and fp64) the one-hot term goes into dz only on rows whose target holds most of
+    the mass (p >= 1/2), where it cancels the target's p; elsewhere it is returned aside, for
+    `_accumulate` to add after grad_input's product. Without it that product's running sums
+    stay small, which keeps their rounding error below torch's for the long sums over V (oneDNN
+    sums in plain order). In bf16 it always goes into dz: grad_input is then one bf16 product,
+    rounded once, as torch's is."""
     hit_rows = hit.nonzero()[:, 0]
     cols = col[hit_rows]
-    peaked = p[hit_rows, cols] >= 0.5
+    if problem.sixteen_bit:
+        peaked = torch.ones_like(hit_rows, dtype=torch.bool)
+    else:
+        peaked = p[hit_rows, cols] >= 0.5
+    values = _target_values(problem, row_grads.target_logit[rows][hit_rows],
+                            derivative[hit_rows, cols] if derivative is not None else None)
+    dz = _dense_dz(problem, p, rows, slice(None), row_grads, derivative)
+    dz[hit_rows[peaked], cols[peaked]] += values[peaked]
+    flat = ~peaked
+    return dz, _TargetTerms(hit_rows[flat], cols[flat], values[flat])
+
+
+def _dense_dz(
+    problem: _Problem,
+    p: Tensor,
+    rows: slice,
+    classes: slice | Tensor,
+    row_grads: _RowGradients,
+    derivative: Optional[Tensor],
+) -> Tensor:
+    """dz without its one-hot term, in place of the softmax p [rows, classes]:
+    (p (grad_lse - grad_entropy (log p + H)) + grad_logit_sum * class_weight)
+    * logit_scale * softcap'(x) (the entropy's term as p (grad_lse - grad_entropy H)
+    - grad_entropy p log p, 0 where p underflows to 0)."""
+    grad_lse = row_grads.lse[rows]
     if row_grads.entropy is not None:
         grad_entropy = row_grads.entropy[rows]
         p_log_p = torch.special.xlogy(p, p).mul_(grad_entropy[:, None])
@@ -415,19 +511,102 @@ def _dz(
     if row_grads.logit_sum is not None:
         grad_logit_sum = row_grads.logit_sum[rows]
         if problem.class_weight is not None:
-            dz.addr_(grad_logit_sum, problem.class_weight)
+            dz.addr_(grad_logit_sum, _take(problem.class_weight, 0, classes))
         else:
             dz += grad_logit_sum[:, None]
-    values = row_grads.target_logit[rows][hit_rows]
     if derivative is not None:
         dz.mul_(derivative)
-        values = values * derivative[hit_rows, cols]
     if problem.logit_scale != 1.0:
         dz.mul_(problem.logit_scale)
+    return dz
+
+
+def _target_values(problem: _Problem, grad_target_logit: Tensor,
+                   derivative: Optional[Tensor]) -> Tensor:
+    """The one-hot term's entries of dz for the given rows' grad_target_logit, with the
+    softcap derivative at their targets."""
+    values = grad_target_logit
+    if derivative is not None:
+        values = values * derivative
+    if problem.logit_scale != 1.0:
         values = values * problem.logit_scale
-    dz[hit_rows[peaked], cols[peaked]] += values[peaked]
-    flat = ~peaked
-    return dz, _TargetTerms(hit_rows[flat], cols[flat], values[flat])
+    return values
+
+
+@dataclasses.dataclass
+class _VocabPass:
+    """The classifier's (and bias's) gradients of a bf16 problem, swept after the rows: `block`
+    classes at a time, each block's logits recomputed for all N rows, so that every class's
+    gradient is one bf16 product over all rows, rounded once as torch's is, and no fp32 [V, D]
+    accumulator is needed (it would take twice the bf16 gradient's memory). The row sweep
+    leaves each row's max logit and softmax factor (p = exp(z - row_max) * scale: the
+    softmax's own 1 / s, times exp(own lse - given lse) where an lse is given) and, with
+    filtering, the blocks some chunk needed."""
+
+    block: int
+    row_max: Tensor
+    scale: Tensor
+    needed: Optional[Tensor]  # per FILTER_BLOCK of classes; None: every class
+
+    @classmethod
+    def new(cls, problem: _Problem, block: int, filtering: bool) -> "_VocabPass":
+        n = problem.input.shape[0]
+        vocab = problem.classifier.shape[0]
+        new = problem.input.new_empty
+        needed = (problem.input.new_zeros((-(-vocab // FILTER_BLOCK),), dtype=torch.bool)
+                  if filtering else None)
+        return cls(block, new((n,), dtype=problem.acc), new((n,), dtype=problem.acc), needed)
+
+    def add_needed(self, chunk_needed: Optional[Tensor]) -> None:
+        """Count the blocks a chunk needed (None: all) as needed."""
+        if self.needed is not None:
+            if chunk_needed is None:
+                self.needed.fill_(True)
+            else:
+                self.needed |= chunk_needed
+
+    def run(self, problem: _Problem, row_grads: _RowGradients, grads: _Gradients) -> None:
+        e = problem.input.to(problem.mm)
+        vocab = problem.classifier.shape[0]
+        for v0 in range(0, vocab, self.block):
+            v1 = min(v0 + self.block, vocab)
+            classes = (slice(v0, v1) if self.needed is None
+                       else _block_classes(self.needed, v0, v1))
+            if classes is not None:
+                self._classes(problem, e, classes, row_grads, grads)
+
+    def _classes(self, problem: _Problem, e: Tensor, classes: slice | Tensor,
+                 row_grads: _RowGradients, grads: _Gradients) -> None:
+        """The gradients of one block's classes (a function of its own, so that the block's
+        logits are freed before the next block's are allocated)."""
+        z = _linear(e, _take(problem.classifier, 0, classes)).to(problem.acc)
+        derivative = _finish_logits(problem, z, classes, want_derivative=True)
+        p = z.sub_(self.row_max[:, None]).exp_().mul_(self.scale[:, None])
+        hit_rows, cols = _targets_among(classes, problem.hit, problem.col)
+        values = _target_values(problem, row_grads.target_logit[hit_rows],
+                                derivative[hit_rows, cols] if derivative is not None else None)
+        dz = _dense_dz(problem, p, slice(None), classes, row_grads, derivative)
+        dz.index_put_((hit_rows, cols), values, accumulate=True)
+        if grads.bias is not None:
+            _set_rows(grads.bias, classes, dz.sum(0))
+        if grads.classifier is not None:
+            dz_mm = dz.to(problem.mm)
+            del z, p, dz, derivative
+            if isinstance(classes, slice):
+                torch.mm(dz_mm.T, e, out=grads.classifier[classes])
+            else:
+                _set_rows(grads.classifier, classes, dz_mm.T @ e)
+
+
+def _targets_among(classes: slice | Tensor, hit: Tensor, col: Tensor) -> tuple[Tensor, Tensor]:
+    """The rows whose target is one of `classes` (a slice, or sorted class indices), and each
+    one's position among them."""
+    if isinstance(classes, slice):
+        rows = (hit & (col >= classes.start) & (col < classes.stop)).nonzero()[:, 0]
+        return rows, col[rows] - classes.start
+    position = torch.searchsorted(classes, col).clamp_max_(classes.numel() - 1)
+    rows = (hit & (classes[position] == col)).nonzero()[:, 0]
+    return rows, position[rows]
 
 
 def _needed_blocks(
@@ -525,7 +704,8 @@ def _accumulate(
     the classifier's and the bias's, whose sums over the chunk's rows are short: a few
     scattered rows and entries instead of index updates of the [V, D] accumulator."""
     classifier_needed = needed if filter_classifier else None
-    want_classifier = grads.classifier is not None or grads.bias is not None
+    want_classifier = grads.vocab_block is None and (
+        grads.classifier is not None or grads.bias is not None)
     # The operand of the products over every class, converted once for both.
     dense = (needed is None and grads.input is not None
              or classifier_needed is None and want_classifier)
@@ -617,6 +797,14 @@ def _add_rows(out: Tensor, rows: slice | Tensor, values: Tensor) -> None:
         out[rows] += values
     else:
         out.index_put_((rows,), values.to(out.dtype), accumulate=True)
+
+
+def _set_rows(out: Tensor, rows: slice | Tensor, values: Tensor) -> None:
+    """out[rows] = values, for a slice or an index tensor of distinct rows."""
+    if isinstance(rows, slice):
+        out[rows] = values
+    else:
+        out.index_put_((rows,), values.to(out.dtype))
 
 
 def _add_product(out: Tensor, a: Tensor, b: Tensor, assign: bool) -> None:

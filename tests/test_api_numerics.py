@@ -32,7 +32,7 @@ unfiltered = functools.partial(cce_inductor.linear_cross_entropy, filter_eps=Non
 def small_blocks(monkeypatch):
     """Several row chunks and gradient vocabulary blocks, each with a ragged last one, at test
     sizes."""
-    monkeypatch.setattr(blocked, "chunk_rows", lambda n, vocab, hidden: 16)
+    monkeypatch.setattr(blocked, "chunk_rows", lambda n, vocab, hidden, dtype: 16)
     monkeypatch.setattr(blocked, "VOCAB_BLOCK", 256)
 
 
@@ -64,7 +64,8 @@ def test_matches_reference(
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_matches_reference_default_blocks(dtype, all_options):
     """The shipped block sizes: one chunk, V > VOCAB_BLOCK with a ragged last block."""
-    assert N < blocked.chunk_rows(N, V, D) and V > blocked.VOCAB_BLOCK and V % blocked.VOCAB_BLOCK
+    assert N < blocked.chunk_rows(N, V, D, dtype)
+    assert V > blocked.VOCAB_BLOCK and V % blocked.VOCAB_BLOCK
     inputs = reference.make_inputs(
         N, V, D, dtype, bias=all_options, class_weight=all_options,
         ignored="some" if all_options else "none", seed=_seed(dtype, all_options),
@@ -77,7 +78,7 @@ def test_matches_reference_default_blocks(dtype, all_options):
 
 def test_many_chunks_default_vocab_block(monkeypatch):
     """Several chunks with the shipped VOCAB_BLOCK (chunks lowered to 8 rows to keep N small)."""
-    monkeypatch.setattr(blocked, "chunk_rows", lambda n, vocab, hidden: 8)
+    monkeypatch.setattr(blocked, "chunk_rows", lambda n, vocab, hidden, dtype: 8)
     inputs = reference.make_inputs(N, V, D, torch.float32, bias=True, ignored="some", seed=3)
     reference.check_against_reference(unfiltered, inputs, torch.float32, reduction="sum")
 
@@ -348,7 +349,7 @@ def test_all_ignored_mean_is_nan_with_zero_gradients(small_blocks):
 @pytest.fixture
 def filter_blocks(monkeypatch):
     # 4 chunks x 64 filter blocks: a chunk's 16 rows need at most 16 + 4 of its 64 blocks.
-    monkeypatch.setattr(blocked, "chunk_rows", lambda n, vocab, hidden: 16)
+    monkeypatch.setattr(blocked, "chunk_rows", lambda n, vocab, hidden, dtype: 16)
     monkeypatch.setattr(blocked, "FILTER_BLOCK", 128)
 
 
@@ -392,6 +393,41 @@ def test_filter_grads_input(filter_blocks, reduction):
         assert not torch.equal(everywhere[name], unfiltered_grads[name]), name
     assert torch.equal(input_only["input"], everywhere["input"])
     assert not torch.equal(input_only["input"], unfiltered_grads["input"])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"], ids=["one_pass", "recompute"])
+def test_bf16_classifier_gradient_by_blocks_of_classes(filter_blocks, monkeypatch, reduction):
+    """bf16: grad_classifier comes from the sweep over blocks of classes after the rows (here 4
+    blocks of 2048), each class's gradient one bf16 product over all rows. With filtering that
+    sweep recomputes only the filter blocks some row chunk needed; the others' gradient rows
+    stay 0, and the gradients match float64 all the same."""
+    swept = []
+    original = blocked._VocabPass._classes
+
+    def spy(self, problem, e, classes, *rest):
+        swept.append(torch.arange(classes.start, classes.stop) if isinstance(classes, slice)
+                     else classes)
+        return original(self, problem, e, classes, *rest)
+
+    monkeypatch.setattr(blocked._VocabPass, "_classes", spy)
+    inputs = reference.peaked_inputs(torch.bfloat16)
+    vocab = inputs["linear_weight"].shape[0]
+    for filter_eps in (None, "auto"):
+        swept.clear()
+        ours = reference.check_against_reference(
+            functools.partial(cce_inductor.linear_cross_entropy, filter_eps=filter_eps),
+            inputs, torch.bfloat16, reduction=reduction,
+        )
+        assert ours["linear_weight"].dtype == torch.bfloat16
+        classes = torch.cat(swept)
+        if filter_eps is None:
+            assert [len(block) for block in swept] == [2048] * 4
+            assert torch.equal(classes, torch.arange(vocab))
+        else:
+            skipped = torch.ones(vocab, dtype=torch.bool)
+            skipped[classes] = False
+            assert 0 < int(skipped.sum()) and len(classes) == len(classes.unique())
+            assert not ours["linear_weight"][skipped].any()
 
 
 def test_filter_off_skips_nothing(filter_blocks):

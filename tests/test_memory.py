@@ -78,7 +78,7 @@ def _bound(n: int) -> int:
 
 @pytest.fixture
 def chunks(monkeypatch):
-    monkeypatch.setattr(blocked, "chunk_rows", lambda n, vocab, hidden: CHUNK_ROWS)
+    monkeypatch.setattr(blocked, "chunk_rows", lambda n, vocab, hidden, dtype: CHUNK_ROWS)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"], ids=["one_pass", "recompute"])
@@ -108,5 +108,37 @@ def test_bound_catches_full_logits(monkeypatch):
     """Negative control: one chunk holding all [N, V] logits (what materializing does) breaks
     the bound that the chunked path meets."""
     n = 1024
-    monkeypatch.setattr(blocked, "chunk_rows", lambda n, vocab, hidden: n)
+    monkeypatch.setattr(blocked, "chunk_rows", lambda n, vocab, hidden, dtype: n)
     assert peak_bytes(_loss_and_backward(cce_inductor.linear_cross_entropy, n)) > _bound(n)
+
+
+def test_bf16_gradients_hold_no_fp32_classifier_accumulator(chunks):
+    """bf16: the gradients are written in bf16 once each (grad_classifier by the sweep over
+    blocks of classes), so loss + backward holds the leaves, their bf16 gradients and a few
+    chunks, on both CPU paths. Control: the layout that accumulates grad_classifier over the
+    row chunks holds a [V, D] fp32 accumulator besides, and breaks the bound."""
+    n, d = 128, 256  # D large enough that the [V, D] fp32 accumulator outweighs the chunks
+    inputs = reference.make_inputs(n, V, d, torch.bfloat16, bias=True, seed=3)
+    bf16_bytes = 2
+
+    def run(reduction: str) -> Callable[[], None]:
+        def loss_and_backward():
+            leaves = {name: inputs[name].clone().requires_grad_()
+                      for name in reference.GRAD_NAMES}
+            cce_inductor.linear_cross_entropy(
+                leaves["input"], leaves["linear_weight"], inputs["target"],
+                linear_bias=leaves["linear_bias"], reduction=reduction,
+            ).sum().backward()
+        return loss_and_backward
+
+    leaves_and_grads = 2 * (n * d + V * d + V) * bf16_bytes
+    accumulator = V * d * FLOAT32_BYTES
+    # A chunk's logits in fp32 with its bf16 copies (the product and dz's), 4 of them, and
+    # the fp32 accumulators of grad_bias and the [N] row statistics.
+    bound = leaves_and_grads + 4 * CHUNK_BYTES * 6 // FLOAT32_BYTES + 16 * (V + n) * 4
+    assert bound < leaves_and_grads + accumulator, "the bound must tell the accumulator apart"
+    for reduction in ("mean", "none"):
+        assert peak_bytes(run(reduction)) <= bound, reduction
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(blocked, "vocab_block_classes", lambda n, vocab, hidden, dtype: None)
+        assert peak_bytes(run("mean")) > bound

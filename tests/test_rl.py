@@ -32,7 +32,7 @@ N, V, D = 42, 1031, 24
 @pytest.fixture
 def small_blocks(monkeypatch):
     """Several row chunks and gradient vocabulary blocks, ragged last ones, at test sizes."""
-    monkeypatch.setattr(blocked, "chunk_rows", lambda n, vocab, hidden: 16)
+    monkeypatch.setattr(blocked, "chunk_rows", lambda n, vocab, hidden, dtype: 16)
     monkeypatch.setattr(blocked, "VOCAB_BLOCK", 256)
 
 
