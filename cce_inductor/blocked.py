@@ -293,10 +293,11 @@ def forward_and_backward(
     classifier_needs_grad: bool,
     bias_needs_grad: bool,
     filter_classifier: bool = True,
+    logit_scale: float = 1.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """`forward`'s statistics and `backward`'s gradients in one sweep (logit_sum is computed
     when grad_logit_sum is given)."""
-    problem = _Problem.of(input, classifier, bias, target, class_weight, softcap)
+    problem = _Problem.of(input, classifier, bias, target, class_weight, softcap, logit_scale)
     stats = _new_statistics(problem, grad_logit_sum is not None, False)
     grads = _Gradients.new(problem, input_needs_grad, classifier_needs_grad, bias_needs_grad,
                            filter_eps)

@@ -63,7 +63,8 @@ def routes_to_templates(input: Tensor) -> bool:
 # output, say) that is not at its default sends the loss to the forward and backward ops, until
 # the one pass learns it.
 ONE_PASS_OPTIONS = frozenset({
-    "reduction", "ignore_index", "label_smoothing", "softcap", "filter_eps", "filter_grads",
+    "reduction", "ignore_index", "label_smoothing", "softcap", "logit_scale", "filter_eps",
+    "filter_grads",
 })
 
 
@@ -76,9 +77,8 @@ def one_pass_unavailable_reason(
 
     That is valid only while the loss's upstream gradient is a scalar: the loss is reduced
     ('mean' or 'sum') and is the only output (`outputs` at its default: no lse, log-probs or
-    entropy, whose upstream gradients are per row; nor a logit scale, which the one pass does
-    not apply), so every row's gradient weight is known in the
-    forward and the backward only scales the gradients. It must also pay: some gradient is
+    entropy, whose upstream gradients are per row), so every row's gradient weight is known in
+    the forward and the backward only scales the gradients. It must also pay: some gradient is
     wanted (not under no_grad, not every input frozen). Class weights must not require grad
     (the backward op refuses that gradient with a clear error), no torch.func transform may be
     active (the one pass is an autograd.Function without a vmap rule), and the blocked

@@ -31,7 +31,7 @@ def scalar_loss(
     return _ScalarLossWithGradients.apply(
         rows.input, classifier, bias, rows.target, rows.class_weight, options.ignore_index,
         rows.label_smoothing, options.reduction, rows.softcap, filter_eps,
-        options.filter_classifier,
+        options.filter_classifier, rows.logit_scale,
     )
 
 
@@ -60,6 +60,7 @@ class _ScalarLossWithGradients(torch.autograd.Function):
         softcap: Optional[float],
         filter_eps: Optional[float],
         filter_classifier: bool,
+        logit_scale: float,
     ) -> Tensor:
         vocab = classifier.shape[0]
         grad_lse, grad_target_logit, grad_logit_sum = losses.loss_gradients(
@@ -70,7 +71,7 @@ class _ScalarLossWithGradients(torch.autograd.Function):
         lse, target_logit, logit_sum, *grads = torch.ops.cce.linear_cross_entropy_fwd_bwd(
             input, classifier, bias, target, class_weight, grad_lse, grad_target_logit,
             grad_logit_sum if label_smoothing > 0 else None, softcap, filter_eps,
-            needs[0], needs[1], bias is not None and needs[2], filter_classifier,
+            needs[0], needs[1], bias is not None and needs[2], filter_classifier, logit_scale,
         )
         ctx.save_for_backward(*grads)
         ctx.scaled_in_place = False
@@ -102,7 +103,7 @@ class _ScalarLossWithGradients(torch.autograd.Function):
         needs = ctx.needs_input_grad
         return (
             *(grad if need else None for grad, need in zip(grads, needs[:3])),
-            None, None, None, None, None, None, None, None,
+            None, None, None, None, None, None, None, None, None,
         )
 
 

@@ -51,8 +51,8 @@ the statistics known before the forward runs (a loss reduced to a scalar: `cce_i
 decides when that holds). It returns fwd's first three statistics and bwd's three gradients and
 has no autograd of its own (`cce_inductor.one_pass` hands the gradients to autograd). Only the
 blocked CPU implementation has it: the Triton lowering does not take it, so it is never chosen
-where the templates serve. It has no logit scale and no entropy: losses with those take the two
-ops.
+where the templates serve. It has no entropy (whose upstream gradient is per row): the RL head
+takes the two ops.
 
 `cce::record_filter_stats` hands the compiled backward's kept-tile map to
 `cce_inductor.filter_stats` (see there).
@@ -229,20 +229,21 @@ def linear_cross_entropy_fwd_bwd(
     classifier_needs_grad: bool,
     bias_needs_grad: bool,
     filter_classifier: bool = True,
+    logit_scale: float = 1.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(lse, target_logit, logit_sum, grad_input, grad_classifier, grad_bias); logit_sum is
     computed when grad_logit_sum is given."""
     return blocked.forward_and_backward(
         input, classifier, bias, target, class_weight, grad_lse, grad_target_logit,
         grad_logit_sum, softcap, filter_eps, input_needs_grad, classifier_needs_grad,
-        bias_needs_grad, filter_classifier,
+        bias_needs_grad, filter_classifier, logit_scale,
     )
 
 
 @linear_cross_entropy_fwd_bwd.register_fake
 def _(input, classifier, bias, target, class_weight, grad_lse, grad_target_logit, grad_logit_sum,
       softcap, filter_eps, input_needs_grad, classifier_needs_grad, bias_needs_grad,
-      filter_classifier=True):
+      filter_classifier=True, logit_scale=1.0):
     return (*_fake_row_statistics(input, grad_logit_sum is not None),
             *_fake_gradients(input, classifier, bias, input_needs_grad, classifier_needs_grad,
                              bias_needs_grad))

@@ -112,12 +112,11 @@ def _reason(inputs, trainable=reference.GRAD_NAMES, class_weight_grad=False, **o
 def test_one_pass_reasons():
     """Every condition of the one pass, each alone, names itself; all met gives None."""
     inputs = reference.make_inputs(N, V, D, torch.float32, bias=True, class_weight=True, seed=9)
-    assert _reason(inputs, reduction="sum", label_smoothing=0.1, softcap=3.0,
+    assert _reason(inputs, reduction="sum", label_smoothing=0.1, softcap=3.0, logit_scale=0.5,
                    filter_grads="input") is None
     assert "reduction='none'" in _reason(inputs, reduction="none")
     assert "outputs=('loss', 'lse')" in _reason(inputs, outputs=("loss", "lse"))
     assert "outputs=('log_probs', 'entropy')" in _reason(inputs, outputs=("log_probs", "entropy"))
-    assert "logit_scale=0.5" in _reason(inputs, logit_scale=0.5)
     assert "no input requires grad" in _reason(inputs, trainable=())
     assert "class weights" in _reason(inputs, class_weight_grad=True)
     with torch.no_grad():
@@ -136,17 +135,23 @@ def test_one_pass_reasons():
     assert "torch.func" in seen[0]
 
 
-def test_logit_scale_takes_the_two_ops(calls):
-    """A logit scale, which the one pass does not apply, sends a scalar loss to the forward and
-    backward ops (which apply it), exactly."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("softcap", [None, 4.0], ids=["", "softcap"])
+def test_logit_scale_takes_one_pass(calls, dtype, softcap):
+    """A logit scale (a temperature, Cohere's and Granite's constant scales) on a scalar loss:
+    the one pass applies it, z = scale * softcap(x), within tolerance of float64."""
     def scaled(input, linear_weight, target, *, linear_bias=None, weight=None):
-        logits = torch.nn.functional.linear(input, linear_weight, linear_bias) * 0.5
-        return torch.nn.functional.cross_entropy(logits, target)
+        logits = torch.nn.functional.linear(input, linear_weight, linear_bias)
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
+        return torch.nn.functional.cross_entropy(logits * 0.5, target, weight=weight,
+                                                 label_smoothing=0.1)
 
-    inputs = reference.make_inputs(N, V, D, torch.float32, bias=True, seed=3)
-    ours = functools.partial(unfiltered, logit_scale=0.5)
-    reference.check_against_reference(ours, inputs, torch.float32, reference=scaled)
-    assert calls == ["forward", "backward"]
+    inputs = reference.make_inputs(N, V, D, dtype, bias=True, class_weight=True,
+                                   ignored="some", seed=3)
+    ours = functools.partial(unfiltered, logit_scale=0.5, softcap=softcap, label_smoothing=0.1)
+    reference.check_against_reference(ours, inputs, dtype, reference=scaled)
+    assert calls == ["forward_and_backward"]
 
 
 def test_one_pass_options_are_loss_options():

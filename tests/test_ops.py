@@ -93,14 +93,14 @@ def test_opcheck_backward(options, needs_grad, filter_eps):
 
 # The one-pass op has no logit scale and no entropy (losses with those take the two ops).
 ONE_PASS_CASES = [(case, name) for case, name in zip(BACKWARD_CASES, BACKWARD_IDS)
-                  if case[0][4:] == (1.0, False)]
+                  if not case[0][5]]  # no entropy: the one pass serves losses only
 
 
 @pytest.mark.parametrize("options,needs_grad,filter_eps", [case for case, _ in ONE_PASS_CASES],
                          ids=[name for _, name in ONE_PASS_CASES])
 def test_opcheck_forward_and_backward(options, needs_grad, filter_eps):
     """The one-pass op, and that it returns fwd's statistics and bwd's gradients exactly."""
-    bias, class_weight, softcap, with_logit_sum, _, _ = options
+    bias, class_weight, softcap, with_logit_sum, logit_scale, _ = options
     filter_classifier = not needs_grad[2]
     t = _tensors(bias=bias, class_weight=class_weight)
     gen = torch.Generator().manual_seed(1)
@@ -108,14 +108,15 @@ def test_opcheck_forward_and_backward(options, needs_grad, filter_eps):
     grad_logit_sum = grad_logit_sum if with_logit_sum else None
     tensors = (t["input"], t["weight"], t["bias"], t["target"], t["class_weight"])
     args = (*tensors, grad_lse, grad_target_logit, grad_logit_sum, softcap, filter_eps,
-            *needs_grad, filter_classifier)
+            *needs_grad, filter_classifier, logit_scale)
     torch.library.opcheck(torch.ops.cce.linear_cross_entropy_fwd_bwd.default, args)
     ours = torch.ops.cce.linear_cross_entropy_fwd_bwd(*args)
     lse, target_logit, logit_sum, _, tile_max, lse_parts = \
-        torch.ops.cce.linear_cross_entropy_fwd(*tensors, softcap, with_logit_sum, filter_eps)
+        torch.ops.cce.linear_cross_entropy_fwd(*tensors, softcap, with_logit_sum, filter_eps,
+                                               filter_classifier, logit_scale)
     expected_grads = torch.ops.cce.linear_cross_entropy_bwd(
         *tensors, lse, grad_lse, grad_target_logit, grad_logit_sum, softcap, filter_eps,
-        *needs_grad, tile_max, lse_parts, filter_classifier,
+        *needs_grad, tile_max, lse_parts, filter_classifier, logit_scale,
     )
     for got, expected in zip(ours, (lse, target_logit, logit_sum, *expected_grads)):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
