@@ -430,6 +430,23 @@ def test_bf16_classifier_gradient_by_blocks_of_classes(filter_blocks, monkeypatc
             assert not ours["linear_weight"][skipped].any()
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"], ids=["one_pass", "recompute"])
+@pytest.mark.parametrize(
+    "frozen", [("input",), ("linear_weight",), ("input", "linear_bias"),
+               ("linear_weight", "linear_bias")],
+    ids=lambda names: "frozen_" + "+".join(names))
+def test_bf16_frozen_inputs_match_reference(small_blocks, frozen, reduction):
+    """bf16 with some inputs frozen: without grad_input the row sweep computes no dz (the
+    sweep over blocks of classes does); without grad_classifier the bias's gradient
+    accumulates over the row chunks."""
+    inputs = reference.make_inputs(N, V, D, torch.bfloat16, bias=True, class_weight=True,
+                                   ignored="some", seed=_seed(frozen, reduction))
+    reference.check_against_reference(
+        functools.partial(cce_inductor.linear_cross_entropy, filter_eps="auto"), inputs,
+        torch.bfloat16, frozen=frozen, reduction=reduction, softcap=6.0,
+    )
+
+
 def test_filter_off_skips_nothing(filter_blocks):
     inputs = reference.peaked_inputs(torch.bfloat16)
     for filter_eps in (None, 0.0):
