@@ -333,8 +333,8 @@ def _sweep(
     gradients then come from the sweep over blocks of classes (`_VocabPass`)."""
     n = problem.input.shape[0]
     vocab = problem.classifier.shape[0]
-    # Without gradients the chunk is all the sweep holds: it is sized as fp32's (larger products
-    # are faster), the forward's row chunks as before bf16's gradients got their own layout.
+    # Without gradients the chunk is all the sweep holds: it is sized as fp32's, whose larger
+    # chunks make faster products (bf16's gradient sweeps hold more bytes per logit).
     rows = chunk_rows(n, vocab, problem.input.shape[1],
                       problem.input.dtype if row_grads is not None else problem.acc)
     # The smoothing term grad_logit_sum * class_weight is dense: no block of dz is negligible.
